@@ -1,0 +1,44 @@
+# `make demo` and `make test` work on a fresh clone: they create the virtual environment and
+# install what they need first.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+NOW := 2026-05-31T11:00:00Z
+
+.PHONY: demo demo-reset test bench validate install clean
+
+$(VENV)/.installed: requirements.txt requirements-dev.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+	touch $@
+
+node_modules/.installed: package.json package-lock.json
+	npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+install: $(VENV)/.installed node_modules/.installed
+
+## One real cycle on the embedded defaults: local sample data, SQLite state in .demo/.
+## Run it twice: the second run finds the same devices and reports 0 new.
+demo: $(VENV)/.installed
+	$(PY) -m alerter validate --settings samples/demo.settings.json
+	$(PY) -m alerter run --settings samples/demo.settings.json --now $(NOW) --preview .demo/preview
+	@echo
+	$(PY) -m alerter state list --settings samples/demo.settings.json
+	@echo
+	@echo "Rendered payloads are in .demo/preview/. Run 'make demo' again: 0 new. 'make demo-reset' starts over."
+
+demo-reset:
+	rm -rf .demo
+
+validate: $(VENV)/.installed
+	$(PY) -m alerter validate
+
+test: install
+	$(PY) -m pytest
+
+bench: $(VENV)/.installed
+	$(PY) bench/run.py
+
+clean:
+	rm -rf .demo .alerter .pytest_cache

@@ -1,0 +1,5 @@
+import sys
+
+from alerter.cli import main
+
+sys.exit(main())

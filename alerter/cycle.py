@@ -1,0 +1,313 @@
+"""One cycle: query every enabled detection, record new devices, deliver everything due.
+
+This is the one place that wires the stages together; each stage is picked from its registry by
+setting value. Order matters for "loses no data": a device's pending deliveries are written to
+the ledger before anything is sent, and a delivery is marked sent only after a 2xx.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timezone
+from itertools import groupby
+
+from alerter.detections import load_detections
+from alerter.ledger import LEASE_SECONDS, LedgerError, Store, open_store
+from alerter.model import (
+    Delivery,
+    DeliveryStatus,
+    Detection,
+    DetectionReport,
+    Message,
+    RunInfo,
+    RunReport,
+    Sighting,
+)
+from alerter.settings import Settings
+from alerter.sightings import ResultShapeError, to_sightings
+from alerter.sources import QueryError, Source, create_source
+from alerter.suppressions import Suppressions, load_suppressions
+from notifiers import DeliveryError, Notifier, available_channels, create_notifier
+
+log = logging.getLogger("alerter")
+
+
+@dataclass
+class _Planned:
+    message: Message
+    deliveries: list[Delivery] = field(default_factory=list)
+
+
+def plan_messages(
+    deliveries: Sequence[Delivery], chunk_size: int, detections: dict[str, Detection], run: RunInfo
+) -> list[_Planned]:
+    """Group due deliveries into messages: one detection per message, at most chunk_size each."""
+    planned: list[_Planned] = []
+    ordered = sorted(deliveries, key=lambda d: d.detection_id)
+    for detection_id, group in groupby(ordered, key=lambda d: d.detection_id):
+        items = list(group)
+        detection = detections.get(detection_id) or orphan_detection(detection_id)
+        chunks = [items[i : i + chunk_size] for i in range(0, len(items), chunk_size)]
+        for index, chunk in enumerate(chunks, start=1):
+            message = Message(
+                detection=detection,
+                run=run,
+                sightings=[d.sighting for d in chunk],
+                total=len(items),
+                chunk_index=index,
+                chunk_count=len(chunks),
+            )
+            planned.append(_Planned(message, chunk))
+    return planned
+
+
+def orphan_detection(detection_id: str) -> Detection:
+    """A delivery owed for a detection whose file is gone or broken still goes out."""
+    return Detection(id=detection_id, name=f"Detection {detection_id}", query="", path="")
+
+
+def _pending(detection_id: str, sighting: Sighting, channel: str, now: datetime) -> Delivery:
+    return Delivery(detection_id, sighting.device_key, channel, DeliveryStatus.PENDING, sighting, created_at=now)
+
+
+class Cycle:
+    def __init__(
+        self, settings: Settings, *, now: datetime | None = None, dry_run: bool = False, preview: bool = False
+    ) -> None:
+        self.settings = settings
+        self.dry_run = dry_run
+        self.preview = preview or dry_run
+        clock = (now or datetime.now(timezone.utc)).astimezone(timezone.utc)
+        self.report = RunReport(run=RunInfo(id=str(uuid.uuid4()), at=clock), dry_run=dry_run)
+        self.started = time.monotonic()
+        self.detections: dict[str, Detection] = {}
+        self.created_this_run: set[tuple[str, str]] = set()
+
+    @property
+    def now(self) -> datetime:
+        return self.report.run.at
+
+    def run(self) -> RunReport:
+        report = self.report
+        log.info("run %s at %s%s", report.run.id, self.now.isoformat(), " (dry run)" if self.dry_run else "")
+        loaded = load_detections(self.settings.detections_path, self.settings.detections)
+        for problem in loaded.problems:
+            log.error("detection problem: %s", problem)
+            report.problems.append(str(problem))
+        self.detections = {d.id: d for d in loaded.detections}
+        try:
+            suppressions = load_suppressions(self.settings.suppressions_path)
+        except ValueError as error:
+            log.error("%s", error)
+            report.problems.append(str(error))
+            suppressions = Suppressions()
+
+        try:
+            store = self._open_store()
+        except LedgerError as error:
+            log.error("ledger: %s", error)
+            report.problems.append(f"ledger: {error}")
+            return report
+        try:
+            self._query_all(loaded.detections, suppressions, store)
+            self._deliver_all(store)
+        except LedgerError as error:
+            # What was sent and not yet marked goes out again next run: at-least-once, never lost.
+            log.error("ledger: %s", error)
+            report.problems.append(f"ledger: {error}")
+        finally:
+            if store is not None:
+                store.close()
+        return report
+
+    def _open_store(self) -> Store | None:
+        if self.dry_run and self.settings.state_store == "sqlite" and not self.settings.state_path.exists():
+            return None  # a dry run writes nothing, not even an empty ledger file
+        return open_store(self.settings)
+
+    # --- query stage -------------------------------------------------------------------------
+
+    def _query_all(self, detections: list[Detection], suppressions: Suppressions, store: Store | None) -> None:
+        if not detections:
+            return
+        try:
+            source = create_source(self.settings)
+        except QueryError as error:
+            for detection in detections:
+                self.report.detections.append(
+                    DetectionReport(detection.id, detection.name, query_error=str(error))
+                )
+            log.error("source: %s", error)
+            return
+        try:
+            for detection in detections:
+                self.report.detections.append(self._query_one(detection, source, suppressions, store))
+        finally:
+            source.close()
+
+    def _query_one(
+        self, detection: Detection, source: Source, suppressions: Suppressions, store: Store | None
+    ) -> DetectionReport:
+        dr = DetectionReport(detection.id, detection.name)
+        try:
+            result = source.query(detection, self.now)
+            sightings, dr.rows = to_sightings(result.batches)
+        except (QueryError, ResultShapeError) as error:
+            dr.query_error = str(error)
+            log.error("detection %s (%s): query failed: %s", detection.name, detection.path, error)
+            return dr
+        dr.incomplete = list(result.incomplete)
+        for reason in dr.incomplete:
+            log.error("detection %s: result may be incomplete: %s", detection.name, reason)
+        dr.devices = len(sightings)
+        for sighting in sightings:
+            sighting.links = source.links(detection, sighting.device_id)
+
+        active = []
+        for sighting in sightings:
+            if suppressions.match(detection, sighting, self.now):
+                dr.suppressed += 1
+            else:
+                active.append(sighting)
+
+        known = store.known(detection.id) if store else {}
+        new = [s for s in active if s.device_key not in known]
+        realerts = self._realerts(active, known)
+        dr.known = len(active) - len(new)
+        channels = self.settings.channels
+        if self.dry_run or store is None:
+            dr.new, dr.realerts = len(new), len(realerts)
+        else:
+            created = store.add_new(detection.id, new, channels, self.now)
+            dr.new = len(created)
+            self.created_this_run.update((detection.id, key) for key in created)
+            if realerts and channels:
+                dr.realerts = store.requeue(detection.id, realerts, channels, self.now)
+                self.created_this_run.update((detection.id, s.device_key) for s in realerts)
+        if self.preview:
+            self._would_send_new(detection, new + realerts)
+        log.info(
+            "detection %s: %d rows, %d devices, %d new, %d already reported, %d suppressed, %d re-alerts",
+            detection.name, dr.rows, dr.devices, dr.new, dr.known, dr.suppressed, dr.realerts,
+        )
+        return dr
+
+    def _realerts(self, sightings: list[Sighting], known: dict) -> list[Sighting]:
+        after = self.settings.realert_after
+        if after is None:
+            return []
+        due = []
+        for sighting in sightings:
+            record = known.get(sighting.device_key)
+            if record and not record.owed and record.last_notified_at and self.now - record.last_notified_at >= after:
+                due.append(replace(sighting, realert=True))
+        return due
+
+    def _would_send_new(self, detection: Detection, sightings: list[Sighting]) -> None:
+        for channel in self.settings.channels or available_channels():
+            pending = [_pending(detection.id, s, channel, self.now) for s in sightings]
+            self.report.would_send.setdefault(channel, []).extend(
+                p.message for p in plan_messages(pending, self._chunk_size(channel), self.detections, self.report.run)
+            )
+
+    def _chunk_size(self, channel: str) -> int:
+        notifier = create_notifier(channel, self.settings)
+        try:
+            return notifier.chunk_size
+        finally:
+            notifier.close()
+
+    # --- delivery stage ----------------------------------------------------------------------
+
+    def _deliver_all(self, store: Store | None) -> None:
+        if store is None:
+            return
+        counts = store.counts()
+        for channel, statuses in counts.items():
+            if channel not in self.settings.channels and statuses.get("pending"):
+                log.warning(
+                    "%d deliveries are pending for channel %s, which is no longer configured",
+                    statuses["pending"], channel,
+                )
+        if self.dry_run:
+            for channel in self.settings.channels:
+                due = store.due(channel, self.now)
+                carried = [d for d in due if (d.detection_id, d.device_key) not in self.created_this_run]
+                self.report.pending_carried_over += len(carried)
+                chunk = self._chunk_size(channel)
+                self.report.would_send.setdefault(channel, []).extend(
+                    p.message for p in plan_messages(carried, chunk, self.detections, self.report.run)
+                )
+        else:
+            for channel in self.settings.channels:
+                self._deliver_channel(channel, store)
+        self.report.failed_total = sum(statuses.get("failed", 0) for statuses in store.counts().values())
+        if self.report.failed_total:
+            log.error(
+                "%d deliveries gave up after retrying (status failed); `alerter state list --failed` shows them, "
+                "`alerter state retry` re-queues them", self.report.failed_total,
+            )
+
+    def _detection_report(self, detection_id: str) -> DetectionReport:
+        for dr in self.report.detections:
+            if dr.detection_id == detection_id:
+                return dr
+        detection = self.detections.get(detection_id) or orphan_detection(detection_id)
+        dr = DetectionReport(detection.id, detection.name)
+        self.report.detections.append(dr)
+        return dr
+
+    def _deliver_channel(self, channel: str, store: Store) -> None:
+        due = store.due(channel, self.now)
+        self.report.pending_carried_over += sum(
+            1 for d in due if (d.detection_id, d.device_key) not in self.created_this_run
+        )
+        if not due:
+            return
+        notifier: Notifier = create_notifier(channel, self.settings)
+        lease = max(LEASE_SECONDS, notifier.send_seconds_max())
+        budget = self.settings.run_budget.total_seconds()
+        try:
+            for planned in plan_messages(due, notifier.chunk_size, self.detections, self.report.run):
+                outcome = self._detection_report(planned.message.detection.id).channel(channel)
+                if time.monotonic() - self.started > budget:
+                    outcome.errors.append("run budget used up; left pending for the next run")
+                    log.warning("channel %s: run budget used up, %d deliveries left pending", channel,
+                                len(planned.deliveries))
+                    outcome.failed += len(planned.deliveries)
+                    continue
+                claimed = store.claim(planned.deliveries, self.report.run.id, lease)
+                if not claimed:
+                    continue  # a concurrent run holds them and is sending
+                message = replace(planned.message, sightings=[d.sighting for d in claimed])
+                try:
+                    notifier.send(message)
+                except DeliveryError as error:
+                    text = self.settings.redactor()(str(error))
+                    gave_up = store.mark_failed(
+                        claimed, text, self.now, self.settings.retry_backoff_max, self.settings.give_up_after
+                    )
+                    outcome.failed += len(claimed) - gave_up
+                    outcome.gave_up += gave_up
+                    outcome.errors.append(text)
+                    log.error(
+                        "channel %s: %s: %d deliveries of %s left pending for the next run",
+                        channel, text, len(claimed) - gave_up, message.detection.name,
+                    )
+                    continue
+                store.mark_sent(claimed, self.now)
+                outcome.sent += len(claimed)
+                log.info("channel %s: delivered %d sightings of %s (message %d of %d)", channel, len(claimed),
+                         message.detection.name, message.chunk_index, message.chunk_count)
+        finally:
+            notifier.close()
+
+
+def run_cycle(
+    settings: Settings, *, now: datetime | None = None, dry_run: bool = False, preview: bool = False
+) -> RunReport:
+    return Cycle(settings, now=now, dry_run=dry_run, preview=preview).run()

@@ -1,0 +1,145 @@
+"""The delivery ledger: which devices were reported, and what is still owed to which channel.
+
+One contract, several stores (SQLite embedded, Azure Table Storage), one shared test suite.
+The ledger knows the sighting model; it never sends and never queries.
+
+Clocks: times that describe the product's history (first reported, next attempt, sent) use the
+run's clock, so a replay with --now is consistent. Claim leases protect live processes from each
+other and use the wall clock (`time.time()`), whatever --now says.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timedelta
+from typing import Any, Protocol
+
+from alerter.model import Delivery, Link, Sighting
+from alerter.settings import Settings
+from alerter.sightings import as_utc
+
+LEASE_SECONDS = 60.0
+REPORT_IDS_KEPT = 200
+"""The ledger keeps a device's first report ids, not thousands: the count says how many there were."""
+
+
+class LedgerError(Exception):
+    """The ledger cannot be read or written. A run that meets it sends nothing it cannot record."""
+
+
+@dataclass(frozen=True)
+class KnownDevice:
+    device_key: str
+    last_notified_at: datetime | None
+    """The latest `sent_at` over its channels; re-alerting counts from here."""
+    owed: bool
+    """A delivery for it is still pending: no re-alert is queued on top of it."""
+
+
+@dataclass
+class DeviceRecord:
+    """A device as `alerter state list` shows it."""
+
+    detection_id: str
+    sighting: Sighting
+    first_reported_at: datetime | None
+    deliveries: list[Delivery] = field(default_factory=list)
+
+
+class Store(Protocol):
+    def known(self, detection_id: str) -> dict[str, KnownDevice]:
+        """Every device of the detection the ledger holds, read in one paged pass."""
+        ...
+
+    def add_new(
+        self, detection_id: str, sightings: Sequence[Sighting], channels: Sequence[str], now: datetime
+    ) -> list[str]:
+        """Insert each device if absent, with a pending delivery per channel, atomically per device.
+        Returns the keys this call created (a racing run that created one first wins it)."""
+        ...
+
+    def requeue(
+        self, detection_id: str, sightings: Sequence[Sighting], channels: Sequence[str], now: datetime
+    ) -> int:
+        """Make a pending delivery per channel again (re-alert), refreshing the stored sighting."""
+        ...
+
+    def due(self, channel: str, now: datetime) -> list[Delivery]:
+        """Pending deliveries of a channel whose next attempt time has come, unclaimed or with an
+        expired claim, across detections."""
+        ...
+
+    def claim(self, deliveries: Sequence[Delivery], owner: str, lease_seconds: float) -> list[Delivery]:
+        """Compare-and-set a lease on each; returns the ones this owner now holds."""
+        ...
+
+    def mark_sent(self, deliveries: Sequence[Delivery], now: datetime) -> None: ...
+
+    def mark_failed(
+        self, deliveries: Sequence[Delivery], error: str, now: datetime, backoff_max: timedelta, give_up_after: timedelta
+    ) -> int:
+        """Record a failed attempt: pending with a backoff, or `failed` once it has been owed for
+        longer than give_up_after. Returns how many gave up."""
+        ...
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        """channel -> status -> number of deliveries."""
+        ...
+
+    def records(self, detection_id: str | None = None) -> list[DeviceRecord]: ...
+
+    def forget(self, detection_id: str, device_key: str) -> bool:
+        """Remove the device: it will be reported again when next seen."""
+        ...
+
+    def retry_failed(self, now: datetime, channel: str | None = None) -> int:
+        """Make failed (and backed-off pending) deliveries due now."""
+        ...
+
+    def close(self) -> None: ...
+
+
+def next_attempt(attempts: int, now: datetime, backoff_max: timedelta) -> datetime:
+    """Exponential backoff from one minute, capped: with a four-hour schedule every run retries,
+    with a five-minute one a dead webhook is not hammered."""
+    return now + min(timedelta(minutes=2 ** min(attempts - 1, 20)), backoff_max)
+
+
+def gives_up(delivery: Delivery, now: datetime, give_up_after: timedelta) -> bool:
+    return delivery.created_at is not None and now - delivery.created_at >= give_up_after
+
+
+# Sightings are stored as JSON so a delivery can go out after the device left the query window.
+def sighting_to_json(sighting: Sighting) -> str:
+    data = asdict(sighting)
+    data["report_ids"] = data["report_ids"][:REPORT_IDS_KEPT]
+    for key in ("first_seen", "last_seen"):
+        data[key] = data[key].isoformat() if data[key] else None
+    return json.dumps(data, separators=(",", ":"), default=str)
+
+
+def sighting_from_json(text: str) -> Sighting:
+    data: dict[str, Any] = json.loads(text)
+    data["first_seen"] = as_utc(data.get("first_seen"))
+    data["last_seen"] = as_utc(data.get("last_seen"))
+    data["links"] = [Link(**link) for link in data.get("links", [])]
+    return Sighting(**data)
+
+
+def iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value else None
+
+
+STORES: dict[str, str] = {
+    "sqlite": "alerter.ledger.sqlite:SqliteStore",
+    "table": "alerter.ledger.table:TableStore",
+}
+
+
+def open_store(settings: Settings) -> Store:
+    module_name, _, class_name = STORES[settings.state_store].partition(":")
+    store_class = getattr(importlib.import_module(module_name), class_name)
+    return store_class(settings)

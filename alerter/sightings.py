@@ -1,0 +1,141 @@
+"""Query rows to sightings: one per device, merged over every row the device produced."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from datetime import datetime, timezone
+from typing import Any
+
+from alerter.model import Sighting
+
+# Result columns by meaning, most specific first. Hunting queries mostly use the first names;
+# the others cover raw (unsummarized) queries and Sentinel's naming.
+DEVICE_ID_COLUMNS = ("DeviceId",)
+DEVICE_NAME_COLUMNS = ("DeviceName", "Computer")
+FIRST_SEEN_COLUMNS = ("FirstSeen", "StartTime", "Timestamp", "TimeGenerated")
+LAST_SEEN_COLUMNS = ("LastSeen", "EndTime", "Timestamp", "TimeGenerated")
+REPORT_COLUMNS = ("Report", "ReportIds", "ReportId")
+COUNT_COLUMNS = ("Count", "count_")
+
+
+class ResultShapeError(ValueError):
+    """The query result has no column that identifies a device."""
+
+
+def _first_present(row: Mapping[str, Any], names: tuple[str, ...]) -> Any:
+    for name in names:
+        if name in row and row[name] is not None:
+            return row[name]
+    return None
+
+
+def as_utc(value: Any) -> datetime | None:
+    """Datetimes from any source as aware UTC; ISO strings (7 fractional digits too) accepted."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, str):
+        text = value.strip().replace("Z", "+00:00")
+        # Kusto writes 7 fractional digits; Python reads at most 6.
+        if "." in text:
+            head, _, tail = text.partition(".")
+            digits = "".join(ch for ch in tail if ch.isdigit())
+            zone = tail[len(digits):]
+            text = f"{head}.{digits[:6]}{zone}"
+        value = datetime.fromisoformat(text)
+    if not isinstance(value, datetime):
+        raise ValueError(f"not a datetime: {value!r}")
+    if value.tzinfo is None:
+        return value.replace(tzinfo=timezone.utc)
+    return value.astimezone(timezone.utc)
+
+
+def _report_ids(value: Any) -> list[Any]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        try:
+            decoded = json.loads(value)
+        except json.JSONDecodeError:
+            return [value]
+        value = decoded
+    if isinstance(value, (list, tuple)):
+        return [v for v in value if v is not None]
+    return [value]
+
+
+def _union(existing: list[Any], more: Iterable[Any]) -> list[Any]:
+    seen = set(map(repr, existing))
+    for item in more:
+        if repr(item) not in seen:
+            seen.add(repr(item))
+            existing.append(item)
+    return existing
+
+
+def device_key(device_id: str, device_name: str) -> str:
+    """DeviceId when there is one; otherwise the lower-cased name (interfaces.md)."""
+    return device_id if device_id else device_name.lower()
+
+
+Row = Mapping[str, Any]
+
+
+def to_sightings(batches: Iterable[tuple[str, Iterable[Row]]]) -> tuple[list[Sighting], int]:
+    """Merge rows into one sighting per device. Each batch is (source label, rows): a device
+    seen in two workspaces is one sighting naming both. Returns the sightings and the row count."""
+    by_key: dict[str, Sighting] = {}
+    name_seen_at: dict[str, datetime | None] = {}
+    row_count = 0
+    for source, row in ((source, row) for source, rows in batches for row in rows):
+        row_count += 1
+        if row_count == 1 and not any(c in row for c in DEVICE_ID_COLUMNS + DEVICE_NAME_COLUMNS):
+            raise ResultShapeError(
+                "the query result has neither a DeviceId nor a DeviceName column; "
+                f"columns were: {', '.join(row)}"
+            )
+        device_id = str(_first_present(row, DEVICE_ID_COLUMNS) or "").strip()
+        device_name = str(_first_present(row, DEVICE_NAME_COLUMNS) or "").strip()
+        if not device_id and not device_name:
+            continue
+        first = as_utc(_first_present(row, FIRST_SEEN_COLUMNS))
+        last = as_utc(_first_present(row, LAST_SEEN_COLUMNS))
+        count = int(_first_present(row, COUNT_COLUMNS) or 1)
+        reports = _report_ids(_first_present(row, REPORT_COLUMNS))
+        key = device_key(device_id, device_name)
+        sighting = by_key.get(key)
+        if sighting is None:
+            by_key[key] = Sighting(
+                device_key=key,
+                device_id=device_id,
+                device_name=device_name,
+                first_seen=first,
+                last_seen=last,
+                count=count,
+                report_ids=_union([], reports),
+                source=source,
+                device_names=[device_name] if device_name else [],
+            )
+            name_seen_at[key] = last
+            continue
+        sighting.count += count
+        _union(sighting.report_ids, reports)
+        if source not in sighting.source.split(", "):
+            sighting.source = f"{sighting.source}, {source}"
+        if device_name and device_name not in sighting.device_names:
+            sighting.device_names.append(device_name)
+        if first is not None and (sighting.first_seen is None or first < sighting.first_seen):
+            sighting.first_seen = first
+        if last is not None and (sighting.last_seen is None or last > sighting.last_seen):
+            sighting.last_seen = last
+        # The display name is the one from the most recent row: a renamed device shows its new name.
+        latest = name_seen_at[key]
+        if device_name and last is not None and (latest is None or last >= latest):
+            sighting.device_name, name_seen_at[key] = device_name, last
+    sightings = list(by_key.values())
+    for sighting in sightings:
+        try:
+            sighting.report_ids.sort()
+        except TypeError:
+            pass
+    return sightings, row_count
