@@ -135,7 +135,7 @@ class RunReport:
 
     @property
     def ok(self) -> bool:
-        if self.problems:
+        if self.problems or self.failed_total:
             return False
         for d in self.detections:
             if d.query_error or d.incomplete:

@@ -83,12 +83,25 @@ class SqliteStore:
             # Autocommit mode: every write below opens its own explicit transaction.
             self._db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
             self._db.row_factory = sqlite3.Row
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA foreign_keys=ON")
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.executescript(SCHEMA)
+            self._db.execute("PRAGMA busy_timeout = 30000")
+            self._db.execute("PRAGMA foreign_keys = ON")
+            self._db.execute("PRAGMA synchronous = NORMAL")
         except (OSError, sqlite3.Error) as error:
             raise LedgerError(f"STATE_PATH {self.path}: cannot open the ledger ({error})") from None
+        with self._write() as db:  # waits for a concurrent run that is creating the schema
+            for statement in SCHEMA.split(";"):
+                if statement.strip():
+                    db.execute(statement)
+        self._use_wal()
+
+    def _use_wal(self) -> None:
+        """WAL lets readers proceed while a run writes. The mode is stored in the file, so when a
+        concurrent opener holds the lock, it is (being) set already and waiting is pointless."""
+        try:
+            if self._db.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                self._db.execute("PRAGMA journal_mode = WAL")
+        except sqlite3.OperationalError:
+            pass
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
