@@ -99,6 +99,11 @@ class Cycle:
             log.error("detection problem: %s", problem)
             report.problems.append(str(problem))
         self.detections = {d.id: d for d in loaded.detections}
+        if not self.settings.channels:
+            report.notes.append(
+                "No delivery channel is configured (WEBHOOK_URL, TEAMS_WEBHOOK_URL, EMAIL_TO): new devices are "
+                "recorded as reported but sent nowhere"
+            )
         try:
             suppressions = load_suppressions(self.settings.suppressions_path)
         except ValueError as error:

@@ -142,6 +142,10 @@ class _Parser:
     def problem(self, name: str, message: str) -> None:
         self.problems.append(f"{name}: {message}")
 
+    def failed(self, name: str) -> bool:
+        """Whether a setting already has a problem: its dependants are not checked against a guess."""
+        return any(p.startswith(f"{name}: ") for p in self.problems)
+
     def choice(self, name: str, allowed: tuple[str, ...], default: str) -> str:
         value = (self.get(name) or default).lower()
         if value not in allowed:
@@ -211,7 +215,7 @@ class _Parser:
         for workspace in workspaces:
             if not _GUID.match(workspace):
                 self.problem("LOG_ANALYTICS_WORKSPACE_ID", f"{workspace!r} is not a workspace id (a GUID)")
-        if source == "log_analytics" and not workspaces:
+        if source == "log_analytics" and not workspaces and not self.failed("QUERY_SOURCE"):
             self.problem("LOG_ANALYTICS_WORKSPACE_ID", "is required when QUERY_SOURCE is log_analytics")
 
         local_data = self.get("LOCAL_DATA_PATH")

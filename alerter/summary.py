@@ -35,6 +35,8 @@ def format_summary(report: RunReport) -> str:
     for channel, messages in sorted(report.would_send.items()):
         devices = sum(len(m.sightings) for m in messages)
         lines.append(f"Would send to {channel}: {len(messages)} message(s), {devices} device(s)")
+    for note in report.notes:
+        lines.append(f"Note: {note}")
     for problem in report.problems:
         lines.append(f"PROBLEM: {problem}")
     lines.append("Result: OK" if report.ok else "Result: FAILED (exit status 1; what worked is recorded)")
