@@ -127,6 +127,7 @@ class Cycle:
         finally:
             if store is not None:
                 store.close()
+            report.seconds = time.monotonic() - self.started
         return report
 
     def _open_store(self) -> Store | None:

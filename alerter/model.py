@@ -132,6 +132,8 @@ class RunReport:
     failed_total: int = 0
     """Deliveries that gave up retrying (status failed) and are still unsent."""
     would_send: dict[str, list[Message]] = field(default_factory=dict)
+    seconds: float = 0.0
+    """How long the cycle took (wall clock, without interpreter start-up)."""
     notes: list[str] = field(default_factory=list)
     """Things a person should know that do not fail the run."""
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Mapping
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from alerter.model import Sighting
@@ -17,6 +17,9 @@ FIRST_SEEN_COLUMNS = ("FirstSeen", "StartTime", "Timestamp", "TimeGenerated")
 LAST_SEEN_COLUMNS = ("LastSeen", "EndTime", "Timestamp", "TimeGenerated")
 REPORT_COLUMNS = ("Report", "ReportIds", "ReportId")
 COUNT_COLUMNS = ("Count", "count_")
+
+
+_ZERO = timedelta(0)
 
 
 class ResultShapeError(ValueError):
@@ -32,6 +35,8 @@ def _first_present(row: Mapping[str, Any], names: tuple[str, ...]) -> Any:
 
 def as_utc(value: Any) -> datetime | None:
     """Datetimes from any source as aware UTC; ISO strings (7 fractional digits too) accepted."""
+    if isinstance(value, datetime) and value.tzinfo is not None and value.utcoffset() == _ZERO:
+        return value if value.tzinfo is timezone.utc else value.replace(tzinfo=timezone.utc)
     if value is None or value == "":
         return None
     if isinstance(value, str):
@@ -65,10 +70,9 @@ def _report_ids(value: Any) -> list[Any]:
 
 
 def _union(existing: list[Any], more: Iterable[Any]) -> list[Any]:
-    seen = set(map(repr, existing))
+    """Append the items not yet present, keeping order (report ids are ints or strings)."""
     for item in more:
-        if repr(item) not in seen:
-            seen.add(repr(item))
+        if item not in existing:
             existing.append(item)
     return existing
 

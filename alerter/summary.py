@@ -39,5 +39,6 @@ def format_summary(report: RunReport) -> str:
         lines.append(f"Note: {note}")
     for problem in report.problems:
         lines.append(f"PROBLEM: {problem}")
-    lines.append("Result: OK" if report.ok else "Result: FAILED (exit status 1; what worked is recorded)")
+    result = "OK" if report.ok else "FAILED (exit status 1; what worked is recorded)"
+    lines.append(f"Result: {result} in {report.seconds:.2f} s")
     return "\n".join(lines)
