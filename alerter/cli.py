@@ -92,11 +92,13 @@ def write_preview(report: RunReport, settings: Settings, folder: Path) -> list[P
     for channel, messages in report.would_send.items():
         notifier = create_notifier(channel, settings)
         try:
-            for message in messages:
-                for rendered in notifier.render(message):
-                    path = folder / rendered.filename
-                    path.write_bytes(rendered.content)
-                    written.append(path)
+            rendered = [r for message in messages for r in notifier.render(message)]
+            if report.digest is not None:
+                rendered += notifier.render_digest(report.digest)
+            for item in rendered:
+                path = folder / item.filename
+                path.write_bytes(item.content)
+                written.append(path)
         finally:
             notifier.close()
     return written

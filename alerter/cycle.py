@@ -16,11 +16,13 @@ from datetime import datetime, timezone
 from itertools import groupby
 
 from alerter.detections import load_detections
+from alerter.digest import digest_due
 from alerter.ledger import LEASE_SECONDS, LedgerError, Store, open_store
 from alerter.model import (
     Delivery,
     DeliveryStatus,
     Detection,
+    Digest,
     DetectionReport,
     Message,
     RunInfo,
@@ -120,6 +122,7 @@ class Cycle:
         try:
             self._query_all(loaded.detections, suppressions, store)
             self._deliver_all(store)
+            self._digest(store)
         except LedgerError as error:
             # What was sent and not yet marked goes out again next run: at-least-once, never lost.
             log.error("ledger: %s", error)
@@ -257,6 +260,31 @@ class Cycle:
                 "%d deliveries gave up after retrying (status failed); `alerter state list --failed` shows them, "
                 "`alerter state retry` re-queues them", self.report.failed_total,
             )
+
+    def _digest(self, store: Store | None) -> None:
+        if not digest_due(self.now, self.settings.alert_schedule, self.settings.digest_at):
+            return
+        counts = store.counts() if store is not None else {}
+        digest = Digest(
+            run=self.report.run,
+            detections=list(self.report.detections),
+            pending=sum(c.get("pending", 0) for c in counts.values()),
+            failed=sum(c.get("failed", 0) for c in counts.values()),
+        )
+        self.report.digest = digest
+        if self.dry_run:
+            return
+        for channel in self.settings.channels:
+            notifier = create_notifier(channel, self.settings)
+            try:
+                notifier.send_digest(digest)
+                log.info("channel %s: daily digest sent", channel)
+            except DeliveryError as error:
+                text = self.settings.redactor()(str(error))
+                self.report.problems.append(f"daily digest to {channel}: {text}")
+                log.error("channel %s: daily digest not sent: %s", channel, text)
+            finally:
+                notifier.close()
 
     def _detection_report(self, detection_id: str) -> DetectionReport:
         for dr in self.report.detections:

@@ -122,6 +122,20 @@ class DetectionReport:
 
 
 @dataclass
+class Digest:
+    """The daily "still alive" message: what this run checked, also when nothing was new."""
+
+    run: RunInfo
+    detections: list[DetectionReport]
+    pending: int
+    failed: int
+
+    @property
+    def new_total(self) -> int:
+        return sum(d.new + d.realerts for d in self.detections)
+
+
+@dataclass
 class RunReport:
     run: RunInfo
     dry_run: bool = False
@@ -132,6 +146,8 @@ class RunReport:
     failed_total: int = 0
     """Deliveries that gave up retrying (status failed) and are still unsent."""
     would_send: dict[str, list[Message]] = field(default_factory=dict)
+    digest: Digest | None = None
+    """Set when this run is the day's digest run (DIGEST_AT)."""
     seconds: float = 0.0
     """How long the cycle took (wall clock, without interpreter start-up)."""
     notes: list[str] = field(default_factory=list)

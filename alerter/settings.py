@@ -11,7 +11,7 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import time, timedelta
 from pathlib import Path
 
 from croniter import croniter
@@ -82,6 +82,7 @@ class Settings:
     retry_backoff_max: timedelta = timedelta(hours=1)
     give_up_after: timedelta = timedelta(days=7)
     run_budget: timedelta = timedelta(minutes=25)
+    digest_at: time | None = None
 
     @property
     def channels(self) -> tuple[str, ...]:
@@ -195,6 +196,16 @@ class _Parser:
             return default
         return value
 
+    def time_of_day(self, name: str) -> time | None:
+        raw = self.get(name)
+        if raw is None or raw.lower() in ("off", "never"):
+            return None
+        try:
+            return time.fromisoformat(raw)
+        except ValueError:
+            self.problem(name, f"must be a UTC time of day like 09:00, or off (got {raw!r})")
+            return None
+
     def url(self, name: str, default: str | None = None, secret: bool = False) -> str | None:
         value = self.get(name, default)
         if value is not None and (why := url_problem(value)):
@@ -300,6 +311,7 @@ class _Parser:
             retry_backoff_max=self.duration("RETRY_BACKOFF_MAX", timedelta(hours=1)) or timedelta(hours=1),
             give_up_after=self.duration("DELIVERY_GIVE_UP_AFTER", timedelta(days=7)) or timedelta(days=7),
             run_budget=self.duration("RUN_BUDGET", timedelta(minutes=25)) or timedelta(minutes=25),
+            digest_at=self.time_of_day("DIGEST_AT"),
         )
         if self.problems:
             raise SettingsError(self.problems)

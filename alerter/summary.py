@@ -35,6 +35,8 @@ def format_summary(report: RunReport) -> str:
     for channel, messages in sorted(report.would_send.items()):
         devices = sum(len(m.sightings) for m in messages)
         lines.append(f"Would send to {channel}: {len(messages)} message(s), {devices} device(s)")
+    if report.digest is not None:
+        lines.append("Daily digest: " + ("prepared (dry run, not sent)" if report.dry_run else "sent to each configured channel"))
     for note in report.notes:
         lines.append(f"Note: {note}")
     for problem in report.problems:

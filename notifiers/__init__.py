@@ -10,7 +10,7 @@ import importlib
 from dataclasses import dataclass
 from typing import Protocol
 
-from alerter.model import Message
+from alerter.model import Digest, Message
 from alerter.settings import Settings
 
 
@@ -36,6 +36,12 @@ class Notifier(Protocol):
 
     def send(self, message: Message) -> None:
         """Deliver or raise DeliveryError. Returns only when the channel answered 2xx."""
+        ...
+
+    def render_digest(self, digest: Digest) -> list[Rendered]: ...
+
+    def send_digest(self, digest: Digest) -> None:
+        """The daily "alive" message; raise DeliveryError like send(). Not retried across runs."""
         ...
 
     def send_seconds_max(self) -> float:

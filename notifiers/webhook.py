@@ -13,11 +13,12 @@ from datetime import datetime
 from typing import Any
 
 from alerter.http import HttpCallError, HttpPolicy, post, session
-from alerter.model import Message, Sighting
+from alerter.model import Digest, Message, Sighting
 from alerter.settings import Settings
 from notifiers import DeliveryError, Rendered
 
 SCHEMA = "alerter.sightings/1"
+DIGEST_SCHEMA = "alerter.digest/1"
 SIGNATURE_HEADER = "X-Alerter-Signature"
 CHUNK_SIZE = 500
 
@@ -58,6 +59,29 @@ def payload(message: Message) -> dict[str, Any]:
     }
 
 
+def digest_payload(digest: Digest) -> dict[str, Any]:
+    return {
+        "schema": DIGEST_SCHEMA,
+        "run": {"id": digest.run.id, "at": utc_z(digest.run.at)},
+        "detections": [
+            {
+                "id": d.detection_id,
+                "name": d.detection_name,
+                "devices": d.devices,
+                "new": d.new,
+                "alreadyReported": d.known,
+                "suppressed": d.suppressed,
+                "realerts": d.realerts,
+                "queryError": d.query_error or None,
+            }
+            for d in digest.detections
+        ],
+        "newTotal": digest.new_total,
+        "pending": digest.pending,
+        "failed": digest.failed,
+    }
+
+
 def sign(secret: str, body: bytes) -> str:
     return "sha256=" + hmac.new(secret.encode("utf-8"), body, hashlib.sha256).hexdigest()
 
@@ -81,10 +105,19 @@ class WebhookNotifier:
         pretty = json.dumps(payload(message), ensure_ascii=False, indent=2).encode("utf-8")
         return [Rendered(name, pretty)]
 
+    def render_digest(self, digest: Digest) -> list[Rendered]:
+        pretty = json.dumps(digest_payload(digest), ensure_ascii=False, indent=2).encode("utf-8")
+        return [Rendered("webhook-digest.json", pretty)]
+
     def send(self, message: Message) -> None:
+        self._post(self.body(message))
+
+    def send_digest(self, digest: Digest) -> None:
+        self._post(json.dumps(digest_payload(digest), ensure_ascii=False, separators=(",", ":")).encode("utf-8"))
+
+    def _post(self, body: bytes) -> None:
         if not self.url:
             raise DeliveryError("WEBHOOK_URL is not set")
-        body = self.body(message)
         headers = {"Content-Type": "application/json; charset=utf-8"}
         if self.secret:
             headers[SIGNATURE_HEADER] = sign(self.secret, body)

@@ -159,3 +159,40 @@ def test_every_catalog_vendor_is_found_by_its_own_detection_through_the_local_so
             assert [s.device_id for s in sightings] == [f"dev-{detection.id}"], detection.name
     finally:
         source.close()
+
+
+@pytest.mark.parametrize(
+    ("now", "due"),
+    [
+        ("2026-05-31T08:00:02Z", False),  # before 09:00
+        ("2026-05-31T12:00:01Z", True),   # first scheduled run after 09:00 (previous tick 08:00)
+        ("2026-05-31T16:00:00Z", False),  # later runs that day
+        ("2026-05-31T09:00:00Z", True),   # a run exactly at the digest time
+    ],
+)
+def test_the_digest_goes_with_the_first_scheduled_run_after_digest_at(now, due):
+    from datetime import time
+
+    from alerter.digest import digest_due
+    from alerter.sightings import as_utc
+
+    assert digest_due(as_utc(now), "0 0 */4 * * *", time(9, 0)) is due
+    assert digest_due(as_utc(now), "0 0 */4 * * *", None) is False
+
+
+def test_the_daily_digest_says_alive_and_what_was_checked_when_nothing_is_new(make_settings, data_dir, webhook_server):
+    write_rows(data_dir, [cert_row("d1", "ws-1", "2026-05-30T10:00:00Z")])
+    settings = make_settings(WEBHOOK_URL=webhook_server.url + "/hook", DIGEST_AT="09:00")
+    run_cycle(settings, now=DEMO_NOW - timedelta(hours=3))  # 08:00: the device is new, no digest yet
+    assert [r.json()["schema"] for r in webhook_server.requests] == ["alerter.sightings/1"]
+    quiet = run_cycle(settings, now=DEMO_NOW + timedelta(hours=1))  # 12:00: nothing new, digest
+    assert quiet.ok and quiet.digest is not None
+    digest = webhook_server.requests[-1].json()
+    assert digest["schema"] == "alerter.digest/1"
+    assert digest["newTotal"] == 0 and digest["pending"] == 0 and digest["failed"] == 0
+    assert digest["detections"] == [{
+        "id": PANORAMA9_ID, "name": P9_NAME, "devices": 1, "new": 0, "alreadyReported": 1,
+        "suppressed": 0, "realerts": 0, "queryError": None,
+    }]
+    run_cycle(settings, now=DEMO_NOW + timedelta(hours=5))  # 16:00: no second digest
+    assert len(webhook_server.requests) == 2
