@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from collections.abc import Iterable, Mapping
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -26,11 +27,30 @@ class ResultShapeError(ValueError):
     """The query result has no column that identifies a device."""
 
 
-def _first_present(row: Mapping[str, Any], names: tuple[str, ...]) -> Any:
-    for name in names:
-        if name in row and row[name] is not None:
-            return row[name]
-    return None
+@dataclass(frozen=True)
+class _Columns:
+    """Which result column plays which part, resolved once per batch (all its rows share columns)."""
+
+    device_id: str | None
+    device_name: str | None
+    first_seen: str | None
+    last_seen: str | None
+    report: str | None
+    count: str | None
+
+    @classmethod
+    def of(cls, row: Row) -> _Columns:
+        def pick(names: tuple[str, ...]) -> str | None:
+            return next((name for name in names if name in row), None)
+
+        columns = cls(pick(DEVICE_ID_COLUMNS), pick(DEVICE_NAME_COLUMNS), pick(FIRST_SEEN_COLUMNS),
+                      pick(LAST_SEEN_COLUMNS), pick(REPORT_COLUMNS), pick(COUNT_COLUMNS))
+        if columns.device_id is None and columns.device_name is None:
+            raise ResultShapeError(
+                "the query result has neither a DeviceId nor a DeviceName column; "
+                f"columns were: {', '.join(row)}"
+            )
+        return columns
 
 
 def as_utc(value: Any) -> datetime | None:
@@ -91,51 +111,12 @@ def to_sightings(batches: Iterable[tuple[str, Iterable[Row]]]) -> tuple[list[Sig
     by_key: dict[str, Sighting] = {}
     name_seen_at: dict[str, datetime | None] = {}
     row_count = 0
-    for source, row in ((source, row) for source, rows in batches for row in rows):
-        row_count += 1
-        if row_count == 1 and not any(c in row for c in DEVICE_ID_COLUMNS + DEVICE_NAME_COLUMNS):
-            raise ResultShapeError(
-                "the query result has neither a DeviceId nor a DeviceName column; "
-                f"columns were: {', '.join(row)}"
-            )
-        device_id = str(_first_present(row, DEVICE_ID_COLUMNS) or "").strip()
-        device_name = str(_first_present(row, DEVICE_NAME_COLUMNS) or "").strip()
-        if not device_id and not device_name:
-            continue
-        first = as_utc(_first_present(row, FIRST_SEEN_COLUMNS))
-        last = as_utc(_first_present(row, LAST_SEEN_COLUMNS))
-        count = int(_first_present(row, COUNT_COLUMNS) or 1)
-        reports = _report_ids(_first_present(row, REPORT_COLUMNS))
-        key = device_key(device_id, device_name)
-        sighting = by_key.get(key)
-        if sighting is None:
-            by_key[key] = Sighting(
-                device_key=key,
-                device_id=device_id,
-                device_name=device_name,
-                first_seen=first,
-                last_seen=last,
-                count=count,
-                report_ids=_union([], reports),
-                source=source,
-                device_names=[device_name] if device_name else [],
-            )
-            name_seen_at[key] = last
-            continue
-        sighting.count += count
-        _union(sighting.report_ids, reports)
-        if source not in sighting.source.split(", "):
-            sighting.source = f"{sighting.source}, {source}"
-        if device_name and device_name not in sighting.device_names:
-            sighting.device_names.append(device_name)
-        if first is not None and (sighting.first_seen is None or first < sighting.first_seen):
-            sighting.first_seen = first
-        if last is not None and (sighting.last_seen is None or last > sighting.last_seen):
-            sighting.last_seen = last
-        # The display name is the one from the most recent row: a renamed device shows its new name.
-        latest = name_seen_at[key]
-        if device_name and last is not None and (latest is None or last >= latest):
-            sighting.device_name, name_seen_at[key] = device_name, last
+    for source, rows in batches:
+        columns: _Columns | None = None
+        for row in rows:
+            row_count += 1
+            columns = columns or _Columns.of(row)
+            _merge_row(row, columns, source, by_key, name_seen_at)
     sightings = list(by_key.values())
     for sighting in sightings:
         try:
@@ -143,3 +124,50 @@ def to_sightings(batches: Iterable[tuple[str, Iterable[Row]]]) -> tuple[list[Sig
         except TypeError:
             pass
     return sightings, row_count
+
+
+def _cell(row: Row, column: str | None) -> Any:
+    return row.get(column) if column is not None else None
+
+
+def _merge_row(
+    row: Row, columns: _Columns, source: str, by_key: dict[str, Sighting], name_seen_at: dict[str, datetime | None]
+) -> None:
+    device_id = str(_cell(row, columns.device_id) or "").strip()
+    device_name = str(_cell(row, columns.device_name) or "").strip()
+    if not device_id and not device_name:
+        return
+    first = as_utc(_cell(row, columns.first_seen))
+    last = as_utc(_cell(row, columns.last_seen))
+    count = int(_cell(row, columns.count) or 1)
+    reports = _report_ids(_cell(row, columns.report))
+    key = device_key(device_id, device_name)
+    sighting = by_key.get(key)
+    if sighting is None:
+        by_key[key] = Sighting(
+            device_key=key,
+            device_id=device_id,
+            device_name=device_name,
+            first_seen=first,
+            last_seen=last,
+            count=count,
+            report_ids=_union([], reports),
+            source=source,
+            device_names=[device_name] if device_name else [],
+        )
+        name_seen_at[key] = last
+        return
+    sighting.count += count
+    _union(sighting.report_ids, reports)
+    if source not in sighting.source.split(", "):
+        sighting.source = f"{sighting.source}, {source}"
+    if device_name and device_name not in sighting.device_names:
+        sighting.device_names.append(device_name)
+    if first is not None and (sighting.first_seen is None or first < sighting.first_seen):
+        sighting.first_seen = first
+    if last is not None and (sighting.last_seen is None or last > sighting.last_seen):
+        sighting.last_seen = last
+    # The display name is the one from the most recent row: a renamed device shows its new name.
+    latest = name_seen_at[key]
+    if device_name and last is not None and (latest is None or last >= latest):
+        sighting.device_name, name_seen_at[key] = device_name, last
