@@ -151,7 +151,7 @@ def _find_checkov() -> str | None:
         found = shutil.which(configured) or (configured if Path(configured).is_file() else None)
         if not found:
             pytest.fail(f"CHECKOV_BIN={configured!r} does not exist")
-        return found
+        return str(Path(found).absolute())  # checkov runs with cwd= the scanned folder
     local = REPO / ".venv-tools" / "bin" / "checkov"
     if local.is_file():
         return str(local)
