@@ -1,6 +1,6 @@
 // The RMM signer alerter, deployed beside Microsoft Sentinel.
 //
-//   az deployment group create -g <rg> -f infra/main.bicep -p sentinelWorkspaceResourceId=<id> ...
+//   az deployment group create -g <rg> -f infra/main.bicep -p environmentName=<name> sentinelWorkspaceResourceId=<id> ...
 //   azd up            (azure.yaml at the repository root; parameters in infra/main.parameters.json)
 //
 // What it creates in the target resource group:
