@@ -3,6 +3,8 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
+# checkov pins packages the app's venv must not downgrade, so it lives in a venv of its own.
+TOOLS ?= .venv-tools
 NOW := 2026-05-31T11:00:00Z
 
 .PHONY: demo demo-reset test bench validate install clean
@@ -16,7 +18,12 @@ node_modules/.installed: package.json package-lock.json
 	npm ci --no-audit --no-fund --loglevel=error
 	touch $@
 
-install: $(VENV)/.installed node_modules/.installed
+$(TOOLS)/.installed:
+	$(PYTHON) -m venv $(TOOLS)
+	$(TOOLS)/bin/python -m pip install --quiet --disable-pip-version-check checkov==3.3.30
+	touch $@
+
+install: $(VENV)/.installed node_modules/.installed $(TOOLS)/.installed
 
 ## One real cycle on the embedded defaults: local sample data, SQLite state in .demo/.
 ## Run it twice: the second run finds the same devices and reports 0 new.
@@ -35,7 +42,7 @@ validate: $(VENV)/.installed
 	$(PY) -m alerter validate
 
 test: install
-	$(PY) -m pytest
+	CHECKOV_BIN=$(TOOLS)/bin/checkov $(PY) -m pytest
 
 bench: $(VENV)/.installed
 	$(PY) bench/run.py
