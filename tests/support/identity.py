@@ -79,7 +79,7 @@ class ManagedIdentityEndpoint:
     def __post_init__(self) -> None:
         self._tokens: dict[str, str] = {}
         self._lock = threading.Lock()
-        self.server = RecordingServer(responder=self._answer)
+        self.server = stops_quickly(RecordingServer(responder=self._answer))
 
     # --- what tests and fake services use -----------------------------------------------------
 
@@ -157,6 +157,15 @@ class ManagedIdentityEndpoint:
 
     def __exit__(self, *exc: object) -> None:
         self.server.__exit__(*exc)
+
+
+def stops_quickly(server: RecordingServer, poll_interval: float = 0.05) -> RecordingServer:
+    """Make a not yet started RecordingServer notice shutdown within `poll_interval` (socketserver's
+    default, 0.5 s, costs about a second per test that starts two servers)."""
+    server._thread = threading.Thread(  # noqa: SLF001 - until http_server.py takes a poll interval
+        target=server._server.serve_forever, kwargs={"poll_interval": poll_interval}, daemon=True  # noqa: SLF001
+    )
+    return server
 
 
 def _normalise(resource: str) -> str:
