@@ -1,0 +1,207 @@
+"""What the two Azure sources share: the run's query budget, the credential, Kusto value types,
+and error texts that tell an operator which role is missing.
+
+Nothing here logs or returns a token: errors name the service, the workspace or tenant, the
+HTTP status and the service's own error code and message, never a header.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from email.utils import parsedate_to_datetime
+from typing import Any
+
+from alerter.sightings import as_utc
+from alerter.sources import QueryError
+
+QUERY_BUDGET_SHARE = 0.6
+"""Share of RUN_BUDGET that all queries of a run may use, retries included; the rest is for delivery."""
+
+RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
+RETRY_AFTER_MAX_SECONDS = 60.0
+"""A Retry-After longer than this is not waited out inside a run: the run fails and the next tick retries."""
+MIN_BACKOFF_SECONDS = 1.0
+"""The first retry waits this long (doubling after), so that a throttled service gets room to breathe."""
+
+
+@dataclass
+class Deadline:
+    """A point on the monotonic clock by which every query (and its retries) must be done."""
+
+    at: float
+
+    @classmethod
+    def after(cls, budget: timedelta, share: float = QUERY_BUDGET_SHARE) -> Deadline:
+        return cls(time.monotonic() + max(1.0, budget.total_seconds() * share))
+
+    def remaining(self) -> float:
+        return max(0.0, self.at - time.monotonic())
+
+    @property
+    def expired(self) -> bool:
+        return self.remaining() <= 0.0
+
+
+def backoff_seconds(retry_number: int, factor: float = MIN_BACKOFF_SECONDS, cap: float = RETRY_AFTER_MAX_SECONDS) -> float:
+    """Exponential backoff: factor, 2*factor, 4*factor ... for retry 1, 2, 3 ..., at most cap."""
+    return min(cap, factor * 2 ** max(0, retry_number - 1))
+
+
+def default_credential() -> Any:
+    """DefaultAzureCredential: the Function App's managed identity in Azure (AZURE_CLIENT_ID selects a
+    user-assigned one), the Azure CLI login on a workstation. Imported here so that the local source
+    never needs azure-identity."""
+    from azure.identity import DefaultAzureCredential
+
+    return DefaultAzureCredential(exclude_interactive_browser_credential=True)
+
+
+def credential_problem(error: Exception) -> str:
+    """A short, safe text for a credential that could not produce a token."""
+    text = str(getattr(error, "message", None) or error).strip().splitlines()
+    first = text[0] if text else type(error).__name__
+    return (
+        "no Azure credential produced a token: in Azure, turn on the Function App's managed identity "
+        "(set AZURE_CLIENT_ID for a user-assigned one); on a workstation, run `az login` "
+        f"({first[:300]})"
+    )
+
+
+# --- Kusto values ----------------------------------------------------------------------------
+
+# Graph's advanced hunting names types the .NET way; Log Analytics uses Kusto's names.
+_TYPE_ALIASES = {
+    "string": "string",
+    "datetime": "datetime",
+    "date": "datetime",
+    "long": "long",
+    "int64": "long",
+    "int": "int",
+    "int32": "int",
+    "bool": "bool",
+    "boolean": "bool",
+    "real": "real",
+    "double": "real",
+    "decimal": "decimal",
+    "dynamic": "dynamic",
+    "object": "dynamic",
+    "guid": "guid",
+    "timespan": "timespan",
+}
+
+
+def kusto_type(name: str | None) -> str:
+    return _TYPE_ALIASES.get(str(name or "").strip().lower(), "string")
+
+
+class ValueProblem(ValueError):
+    pass
+
+
+def kusto_value(kind: str, value: Any) -> Any:
+    """One cell as Python: datetime -> aware UTC datetime, dynamic -> decoded JSON, long/int -> int,
+    bool -> bool, real -> float; null stays None."""
+    if value is None:
+        return None
+    if kind == "datetime":
+        if value == "":
+            return None
+        try:
+            return as_utc(value)
+        except (ValueError, TypeError):
+            raise ValueProblem(f"not a datetime: {str(value)[:40]!r}") from None
+    if kind == "dynamic":
+        if isinstance(value, str):
+            try:
+                return json.loads(value)
+            except json.JSONDecodeError:
+                return value
+        return value
+    if kind in ("long", "int"):
+        if isinstance(value, bool):
+            return int(value)
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+            return int(value)
+        raise ValueProblem(f"not a whole number: {str(value)[:40]!r}")
+    if kind == "bool":
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, (int, float)):
+            return bool(value)
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0"):
+            return value.lower() in ("true", "1")
+        raise ValueProblem(f"not a bool: {str(value)[:40]!r}")
+    if kind == "real":
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ValueProblem(f"not a number: {str(value)[:40]!r}") from None
+    if kind in ("guid", "timespan", "decimal"):
+        return str(value)
+    return value
+
+
+def typed_rows(
+    columns: list[tuple[str, str]], rows: Iterable[Mapping[str, Any] | list[Any] | tuple[Any, ...]], *, where: str
+) -> list[dict[str, Any]]:
+    """Rows (lists in column order, or dicts by name) to dicts of Python values by the declared types."""
+    kinds = [(name, kusto_type(kind)) for name, kind in columns]
+    out: list[dict[str, Any]] = []
+    for number, row in enumerate(rows, start=1):
+        record: dict[str, Any] = {}
+        for index, (name, kind) in enumerate(kinds):
+            if isinstance(row, Mapping):
+                raw = row.get(name)
+            else:
+                raw = row[index] if index < len(row) else None
+            try:
+                record[name] = kusto_value(kind, raw)
+            except ValueProblem as problem:
+                raise QueryError(f"{where}: row {number}, column {name} ({kind}): {problem}") from None
+        out.append(record)
+    return out
+
+
+def limit_reason(service: str, rows: int, row_limit: int, size: int | None = None, size_limit: int | None = None) -> str | None:
+    """Why a result at or near the service's limits may be cut, or None."""
+    if rows >= row_limit:
+        return (
+            f"{service} returned {rows:,} rows, its limit is {row_limit:,}: the result is probably cut and "
+            "some devices may be missing; narrow the query (summarize by device) so that it stays under the limit"
+        )
+    if size is not None and size_limit is not None and size >= size_limit * 0.95:
+        return (
+            f"{service} returned {size / 1048576:.1f} MB, near its {size_limit / 1048576:.0f} MB limit: the result "
+            "may be cut and some devices may be missing; narrow the query so that it returns less data"
+        )
+    return None
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """Seconds from a Retry-After header: delta-seconds or an HTTP date; None when absent or unreadable."""
+    if value is None or not value.strip():
+        return None
+    try:
+        seconds = float(value.strip())
+    except ValueError:
+        try:
+            when = parsedate_to_datetime(value.strip())
+        except (TypeError, ValueError):
+            return None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=timezone.utc)
+        seconds = (when - datetime.now(timezone.utc)).total_seconds()
+    if math.isnan(seconds):
+        return None
+    return max(0.0, seconds)
