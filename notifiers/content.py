@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from urllib.parse import urlsplit
 
-from alerter.model import Link, Message, Sighting
+from alerter.model import Digest, Link, Message, Sighting
 
 REPLACEMENT = "\ufffd"
 WORD_JOINER = "\u2060"
@@ -272,4 +272,98 @@ def message_view(message: Message) -> MessageView:
         run_at=display_time(message.run.at),
         run_at_raw=message.run.at,
         shared_links=tuple(shared),
+    )
+
+
+# --- the daily digest ------------------------------------------------------------------------
+
+ERROR_MAX = 300
+
+
+@dataclass(frozen=True)
+class DetectionLine:
+    """One detection in the daily digest."""
+
+    name: str
+    devices: int
+    new: int
+    known: int
+    suppressed: int
+    realerts: int
+    error: str
+    """Display-clean query error; empty when the query ran."""
+
+    @property
+    def summary(self) -> str:
+        text = f"{plural(self.devices, 'device')}, {self.new:,} new, {self.known:,} already reported"
+        if self.realerts:
+            text += f", {plural(self.realerts, 're-alert')}"
+        if self.suppressed:
+            text += f", {self.suppressed:,} suppressed"
+        return text
+
+
+@dataclass(frozen=True)
+class DigestView:
+    run_id: str
+    run_at: str
+    lines: tuple[DetectionLine, ...]
+    """Failed queries first, then detections with new devices, then the rest, each by name."""
+    new_total: int
+    pending: int
+    failed: int
+
+    @property
+    def errors(self) -> int:
+        return sum(1 for line in self.lines if line.error)
+
+    @property
+    def headline(self) -> str:
+        new = sum(line.new for line in self.lines)
+        realerts = sum(line.realerts for line in self.lines)
+        text = f"{plural(len(self.lines), 'detection')} checked, {plural(new, 'new device')}"
+        if realerts:
+            text += f", {plural(realerts, 're-alert')}"
+        if self.errors:
+            text += f", {plural(self.errors, 'query', 'queries')} failed"
+        return text
+
+    @property
+    def subject(self) -> str:
+        text = f"Alerter daily digest: {self.headline}"
+        if self.failed:
+            text += f", {plural(self.failed, 'delivery', 'deliveries')} failed"
+        return text
+
+    @property
+    def notes(self) -> tuple[tuple[str, bool], ...]:
+        """(text, is_a_problem) lines about the delivery ledger."""
+        found = []
+        if self.pending:
+            found.append((f"{plural(self.pending, 'delivery', 'deliveries')} pending: retried every run.", False))
+        if self.failed:
+            found.append((f"{plural(self.failed, 'delivery', 'deliveries')} failed (gave up retrying): "
+                          "see `python -m alerter state list --failed`.", True))
+        if not found:
+            found.append(("Every delivery went out: nothing pending.", False))
+        return tuple(found)
+
+
+def digest_view(digest: Digest) -> DigestView:
+    lines = [
+        DetectionLine(
+            name=display_text(d.detection_name, DETECTION_NAME_MAX) or f"Detection {d.detection_id}",
+            devices=d.devices, new=d.new, known=d.known, suppressed=d.suppressed, realerts=d.realerts,
+            error=display_text(d.query_error, ERROR_MAX),
+        )
+        for d in digest.detections
+    ]
+    lines.sort(key=lambda line: (not line.error, not (line.new or line.realerts), line.name.lower()))
+    return DigestView(
+        run_id=digest.run.id,
+        run_at=display_time(digest.run.at),
+        lines=tuple(lines),
+        new_total=digest.new_total,
+        pending=digest.pending,
+        failed=digest.failed,
     )

@@ -27,10 +27,10 @@ from typing import Any
 from urllib3.util import Retry
 
 from alerter.http import HttpCallError, HttpPolicy, post, session
-from alerter.model import Message
+from alerter.model import Digest, Message
 from alerter.settings import Settings
 from notifiers import DeliveryError, Rendered
-from notifiers.content import DeviceView, LinkView, MessageView, message_view, plural
+from notifiers.content import DeviceView, DigestView, LinkView, MessageView, digest_view, message_view, plural
 
 CARD_VERSION = "1.4"
 SCHEMA_URL = "http://adaptivecards.io/schemas/adaptive-card.json"
@@ -160,6 +160,41 @@ def payload(message: Message) -> dict[str, Any]:
     return fitted_payload(message_view(message))
 
 
+def build_digest_card(view: DigestView, show: int) -> dict[str, Any]:
+    body: list[dict[str, Any]] = [
+        {"type": "Container", "style": "emphasis", "bleed": True, "items": [
+            text_block("Daily digest: the alerter is running", size="Large", weight="Bolder"),
+            text_block(f"Run {view.run_at} · run id {view.run_id}", isSubtle=True, spacing="None"),
+        ]},
+        text_block(view.headline, size="Medium", weight="Bolder"),
+    ]
+    for line in view.lines[:show]:
+        detail = (text_run("Query failed: " + line.error, color="Attention") if line.error
+                  else text_run(line.summary, isSubtle=not (line.new or line.realerts)))
+        body.append({"type": "Container", "separator": True, "items": [
+            rich_text(text_run(line.name, weight="Bolder")),
+            rich_text(detail, spacing="None"),
+        ]})
+    if len(view.lines) > show:
+        body.append(text_block(f"…and {plural(len(view.lines) - show, 'more detection')}.", separator=True))
+    for text, problem in view.notes:
+        body.append(text_block(text, separator=True, **({"color": "Attention", "weight": "Bolder"} if problem else {})))
+    return {"type": "AdaptiveCard", "$schema": SCHEMA_URL, "version": CARD_VERSION,
+            "msteams": {"width": "Full"}, "body": body}
+
+
+def digest_payload(digest: Digest, budget: int = BODY_BUDGET) -> dict[str, Any]:
+    view = digest_view(digest)
+    low, high = 0, len(view.lines)
+    while low < high:
+        middle = (low + high + 1) // 2
+        if len(encode(envelope(build_digest_card(view, middle)))) <= budget:
+            low = middle
+        else:
+            high = middle - 1
+    return envelope(build_digest_card(view, low))
+
+
 # --- throttling ----------------------------------------------------------------------------
 
 
@@ -229,9 +264,18 @@ class TeamsNotifier:
         return [Rendered(name, pretty)]
 
     def send(self, message: Message) -> None:
+        self._post(self.body(message))
+
+    def render_digest(self, digest: Digest) -> list[Rendered]:
+        pretty = json.dumps(digest_payload(digest), ensure_ascii=False, indent=2).encode("utf-8")
+        return [Rendered("teams-digest.json", pretty)]
+
+    def send_digest(self, digest: Digest) -> None:
+        self._post(encode(digest_payload(digest)))
+
+    def _post(self, body: bytes) -> None:
         if not self.url:
             raise DeliveryError("TEAMS_WEBHOOK_URL is not set")
-        body = self.body(message)
         self.throttle.wait()
         try:
             post(self._http, self.url, self.policy, what="Teams webhook", data=body,

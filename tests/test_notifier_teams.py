@@ -13,10 +13,10 @@ from alerter.cycle import plan_messages
 from alerter.model import Delivery, DeliveryStatus, Link
 from notifiers import DeliveryError, create_notifier
 from notifiers.content import ELLIPSIS, NAME_MAX, REPLACEMENT, display_text, message_view
-from notifiers.teams import BODY_BUDGET, CHUNK_SIZE, SHOW_MAX, TeamsNotifier, Throttle, encode, payload
+from notifiers.teams import BODY_BUDGET, CHUNK_SIZE, SHOW_MAX, TeamsNotifier, Throttle, digest_payload, encode, payload
 from tests.support import cards
 from tests.support.http_server import Reply
-from tests.support.messages import DETECTION, HOSTILE_NAMES, QUERY_URL, RUN, many, message, sighting
+from tests.support.messages import DETECTION, HOSTILE_NAMES, QUERY_URL, RUN, digest, many, message, sighting
 
 WEBHOOK_PATH = "/workflows/0c1d2e3f/triggers/manual/paths/invoke"
 SIGNATURE = "sig=Zm9vYmFyLXNlY3JldC1zaWduYXR1cmU"
@@ -321,3 +321,37 @@ def test_lease_covers_the_worst_case(teams) -> None:
     assert notifier.send_seconds_max() >= notifier.policy.worst_case_seconds
     assert timedelta(seconds=notifier.send_seconds_max()) < timedelta(minutes=10)
     notifier.close()
+
+
+# --- the daily digest -------------------------------------------------------------------------
+
+
+def test_digest_cards_are_valid_and_fit() -> None:
+    hostile = digest(2, error="HTTP 400 [x](https://evil.example) **bad** query")
+    hostile.detections[0].detection_name = "[evil](https://evil.example) **digest**"
+    payloads = [digest_payload(d) for d in (digest(1), digest(3, pending=2, failed=1, error="no workspace"),
+                                             digest(400, pending=5), hostile)]
+    cards.assert_valid(payloads)
+    assert all(len(encode(p)) <= BODY_BUDGET for p in payloads)
+    big = cards.card_of(payloads[2])
+    assert any(t.startswith("…and ") and t.endswith(" more detections.") for t in cards.markdown_fields(big))
+    card = cards.card_of(payloads[3])
+    assert "evil" not in " ".join(cards.markdown_fields(card))
+    assert "[evil](https:\u2060//evil.example) **digest**" in cards.text_runs(card)
+    failing = cards.card_of(payloads[1])
+    words = cards.markdown_fields(failing)
+    assert "3 detections checked, 2 new devices, 1 re-alert, 1 query failed" in words
+    assert "1 delivery failed (gave up retrying): see `python -m alerter state list --failed`." in words
+    assert "Query failed: no workspace" in cards.text_runs(failing)
+
+
+def test_digest_is_sent_like_a_message(https_server, teams) -> None:
+    https_server.default = Reply(202)
+    notifier = teams()
+    try:
+        notifier.send_digest(digest(2))
+        assert notifier.render_digest(digest(2))[0].filename == "teams-digest.json"
+    finally:
+        notifier.close()
+    [request] = https_server.requests
+    assert request.json() == digest_payload(digest(2))

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import datetime, timedelta, timezone
 
-from alerter.model import Detection, Link, Message, RunInfo, Sighting
+from alerter.model import Detection, DetectionReport, Digest, Link, Message, RunInfo, Sighting
 
 RUN_AT = datetime(2026, 5, 31, 11, 0, tzinfo=timezone.utc)
 DETECTION = Detection(
@@ -80,3 +80,16 @@ def message(sightings: Sequence[Sighting], *, total: int | None = None, index: i
 
 def many(count: int, **kwargs) -> list[Sighting]:
     return [sighting(i, **kwargs) for i in range(count)]
+
+
+def digest(detections: int = 3, *, pending: int = 0, failed: int = 0, error: str = "") -> Digest:
+    """A daily digest: the first detection found two new devices, the second one failed if `error`."""
+    reports = []
+    for i in range(detections):
+        report = DetectionReport(f"det-{i}", f"Detection {i:02d}: RMM tool {i}", rows=10, devices=4, new=0, known=4)
+        if i == 0:
+            report.new, report.known, report.realerts = 2, 2, 1
+        if i == 1 and error:
+            report.devices, report.known, report.query_error = 0, 0, error
+        reports.append(report)
+    return Digest(run=RUN, detections=reports, pending=pending, failed=failed)
