@@ -1,0 +1,154 @@
+"""The alert mail, whichever transport carries it: subject, plain text, HTML and the CSV.
+
+The text and HTML parts come from Jinja2 templates in notifiers/templates (autoescape on for
+HTML, so a device name is always text); both render the shared `MessageView`. The CSV lists
+every sighting of the message with the webhook's field names and raw values, guarded against
+spreadsheet formula injection.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import re
+from dataclasses import dataclass
+from datetime import datetime
+from email.message import EmailMessage
+from email.utils import format_datetime
+from pathlib import Path
+
+from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
+
+from alerter.model import Digest, Message
+from notifiers.content import MessageView, digest_view, message_view
+from notifiers.webhook import sighting_json
+
+TEMPLATES = Path(__file__).with_name("templates")
+LIST_MAX = 200
+"""Devices listed in the mail body; the CSV has them all."""
+CSV_COLUMNS = (
+    "deviceName", "deviceId", "firstSeen", "lastSeen", "count", "realert",
+    "deviceNames", "reportIds", "source", "links", "detectionId", "detectionName",
+)
+FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
+
+_environment = Environment(
+    loader=FileSystemLoader(str(TEMPLATES)),
+    autoescape=select_autoescape(enabled_extensions=("html",), disabled_extensions=("txt",), default=True),
+    undefined=StrictUndefined,
+    trim_blocks=True,
+    lstrip_blocks=True,
+    keep_trailing_newline=True,
+)
+
+
+def csv_cell(value: object) -> object:
+    """A cell a spreadsheet will not run: text starting with = + - @ (or tab, CR) gets a `'`."""
+    if isinstance(value, str) and value.startswith(FORMULA_PREFIXES):
+        return "'" + value
+    return value
+
+
+def csv_bytes(view: MessageView) -> bytes:
+    """Every sighting of the message, in display order, as UTF-8 CSV with a BOM (for Excel)."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\r\n")
+    writer.writerow(CSV_COLUMNS)
+    for device in view.devices:
+        record = sighting_json(device.sighting)
+        row = {
+            **record,
+            "realert": "true" if record["realert"] else "false",
+            "deviceNames": "; ".join(str(n) for n in record["deviceNames"]),
+            "reportIds": " ".join(str(r) for r in record["reportIds"]),
+            # Links every device shares (the query) are in the body once, not on every row.
+            "links": " ".join(link.url for link in device.links),
+            "detectionId": view.detection_id,
+            "detectionName": view.detection_name,
+        }
+        writer.writerow([csv_cell("" if row[c] is None else row[c]) for c in CSV_COLUMNS])
+    return out.getvalue().encode("utf-8-sig")
+
+
+def csv_name(view: MessageView) -> str:
+    slug = re.sub(r"[^a-z0-9]+", "-", view.detection_name.lower()).strip("-")
+    if len(slug) > 60:
+        slug = slug[:61].rpartition("-")[0] or slug[:60]
+    slug = slug or "detection"
+    stamp = view.run_at_raw.strftime("%Y%m%dT%H%MZ")
+    part = f"-part{view.chunk_index}" if view.chunk_count > 1 else ""
+    return f"{slug}-{stamp}{part}.csv"
+
+
+@dataclass(frozen=True)
+class MailContent:
+    subject: str
+    text: str
+    html: str
+    csv_name: str | None
+    csv: bytes | None
+    run_id: str
+    run_at: datetime
+    message_key: str
+    """What makes the Message-ID unique within a run: `<detection id>.<part>`, or `digest`."""
+    headers: tuple[tuple[str, str], ...]
+    """Extra `X-Alerter-*` headers (the detection, the run)."""
+
+
+def mail_content(message: Message) -> MailContent:
+    view = message_view(message)
+    shown, more = view.shown(LIST_MAX)
+    name = csv_name(view)
+    values = {"view": view, "shown": shown, "more": more, "csv_name": name,
+              "device_links": any(d.links for d in shown)}
+    return MailContent(
+        subject=view.subject,
+        text=_environment.get_template("email.txt").render(values),
+        html=_environment.get_template("email.html").render(values),
+        csv_name=name,
+        csv=csv_bytes(view),
+        run_id=view.run_id,
+        run_at=view.run_at_raw,
+        message_key=f"{view.detection_id}.{view.chunk_index}",
+        headers=(("X-Alerter-Detection", view.detection_id), ("X-Alerter-Run", view.run_id)),
+    )
+
+
+def digest_content(digest: Digest) -> MailContent:
+    """The daily "alive" mail: what each detection found; text and HTML, no attachment."""
+    view = digest_view(digest)
+    values = {"view": view}
+    return MailContent(
+        subject=view.subject,
+        text=_environment.get_template("digest.txt").render(values),
+        html=_environment.get_template("digest.html").render(values),
+        csv_name=None,
+        csv=None,
+        run_id=view.run_id,
+        run_at=digest.run.at,
+        message_key="digest",
+        headers=(("X-Alerter-Digest", "daily"), ("X-Alerter-Run", view.run_id)),
+    )
+
+
+def mime_message(content: MailContent, sender: str, recipients: tuple[str, ...]) -> EmailMessage:
+    """multipart/mixed: multipart/alternative (text, HTML) and the CSV attachment.
+
+    Without an attachment (the digest) the mail is the multipart/alternative alone."""
+    domain = sender.rpartition("@")[2].strip(" >") or "alerter.invalid"
+    mail = EmailMessage()
+    mail["Subject"] = content.subject
+    mail["From"] = sender
+    mail["To"] = ", ".join(recipients)
+    mail["Date"] = format_datetime(content.run_at)
+    # One id per run and message: a retry of the same message within a run keeps it.
+    mail["Message-ID"] = f"<alerter.{content.run_id}.{content.message_key}@{domain}>"
+    mail["Auto-Submitted"] = "auto-generated"
+    for name, value in content.headers:
+        mail[name] = value
+    mail.set_content(content.text, subtype="plain", charset="utf-8")
+    mail.add_alternative(content.html, subtype="html", charset="utf-8")
+    if content.csv is not None and content.csv_name:
+        mail.add_attachment(content.csv, maintype="text", subtype="csv", filename=content.csv_name,
+                            params={"charset": "utf-8"})
+    return mail
