@@ -99,13 +99,13 @@ NO_LEASE_OWNER, NO_LEASE = "", 0.0
 ESCAPE = "!"
 HASHED = "!~"
 """Marks a key that was hashed: an escape is always followed by two hex digits or `u`, never `~`."""
-_ESCAPED = frozenset("/\\#?%'!")
+_MUST_ESCAPE = re.compile(r"[/\\#?%'!\x00-\x1f\x7f-\x9f\ud800-\udfff]")
 _UNESCAPE = re.compile(r"!([0-9A-F]{2})|!u([0-9A-F]{4})")
 
 
-def _must_escape(ch: str) -> bool:
-    code = ord(ch)
-    return ch in _ESCAPED or code <= 0x1F or 0x7F <= code <= 0x9F
+def _escape_one(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"{ESCAPE}u{code:04X}" if code > 0xFF else f"{ESCAPE}{code:02X}"
 
 
 def escape_key(text: str) -> str:
@@ -116,16 +116,7 @@ def escape_key(text: str) -> str:
     operations that put the key in the URL have failed on a `%`, and the emulator on quotes.
     Lone surrogates (which UTF-8 cannot carry) become `!uXXXX`. Everything else stays as it is.
     """
-    out = []
-    for ch in text:
-        code = ord(ch)
-        if _must_escape(ch):
-            out.append(f"{ESCAPE}{code:02X}")
-        elif 0xD800 <= code <= 0xDFFF:
-            out.append(f"{ESCAPE}u{code:04X}")
-        else:
-            out.append(ch)
-    return "".join(out)
+    return _MUST_ESCAPE.sub(_escape_one, text)
 
 
 def unescape_key(key: str) -> str:
