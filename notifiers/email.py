@@ -15,13 +15,15 @@ from alerter.model import Digest, Message
 from alerter.settings import Settings
 from notifiers import DeliveryError, Rendered
 from notifiers.mail_content import MailContent, digest_content, mail_content, mime_message
-from notifiers.mail_graph import GraphMailTransport, send_mail_request
+from notifiers.mail_graph import REQUEST_MAX_BYTES, GraphMailTransport, request_body, send_mail_request
 from notifiers.mail_smtp import SmtpTransport
 
 CHUNK_SIZE_SMTP = 10_000
 """A run's burst fits one mail: the CSV of 10,000 devices is about 3 MB."""
 CHUNK_SIZE_GRAPH = 5_000
 """Graph takes at most 4 MB per request, attachments base64-encoded: half the SMTP size."""
+SMTP_CSV_MAX_BYTES = 8 * 1024 * 1024
+"""Above this the CSV is attached zipped: relays commonly refuse mails over 10 to 35 MB."""
 
 
 class EmailNotifier:
@@ -44,7 +46,14 @@ class EmailNotifier:
         return self.settings.email_from or self.settings.graph_mail_sender or "alerter@localhost"
 
     def content(self, message: Message) -> MailContent:
-        return mail_content(message)
+        """The mail; the CSV zipped when it would make the mail too large for the transport
+        (a device with thousands of report ids makes long rows)."""
+        content = mail_content(message)
+        if self.graph is not None:
+            too_large = len(request_body(content, self.recipients)) > REQUEST_MAX_BYTES
+        else:
+            too_large = len(content.csv or b"") > SMTP_CSV_MAX_BYTES
+        return mail_content(message, zip_csv=True) if too_large else content
 
     def render(self, message: Message) -> list[Rendered]:
         return self._render(self.content(message), f"email-{message.detection.id}-{message.chunk_index}")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import io
 import re
+import zipfile
 from dataclasses import dataclass
 from datetime import datetime
 from email.message import EmailMessage
@@ -93,12 +94,27 @@ class MailContent:
     """What makes the Message-ID unique within a run: `<detection id>.<part>`, or `digest`."""
     headers: tuple[tuple[str, str], ...]
     """Extra `X-Alerter-*` headers (the detection, the run)."""
+    attachment_type: str = "text/csv"
+    """`application/zip` when the CSV was too large to attach as it is."""
 
 
-def mail_content(message: Message) -> MailContent:
+def zip_bytes(name: str, data: bytes, when: datetime) -> bytes:
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w") as archive:
+        info = zipfile.ZipInfo(name, date_time=when.timetuple()[:6])
+        info.compress_type = zipfile.ZIP_DEFLATED
+        archive.writestr(info, data)
+    return out.getvalue()
+
+
+def mail_content(message: Message, *, zip_csv: bool = False) -> MailContent:
+    """The mail for a message; `zip_csv` attaches the CSV inside a .zip (for very large runs)."""
     view = message_view(message)
     shown, more = view.shown(LIST_MAX)
     name = csv_name(view)
+    data = csv_bytes(view)
+    if zip_csv:
+        data, name = zip_bytes(name, data, view.run_at_raw), name + ".zip"
     values = {"view": view, "shown": shown, "more": more, "csv_name": name,
               "device_links": any(d.links for d in shown)}
     return MailContent(
@@ -106,11 +122,12 @@ def mail_content(message: Message) -> MailContent:
         text=_environment.get_template("email.txt").render(values),
         html=_environment.get_template("email.html").render(values),
         csv_name=name,
-        csv=csv_bytes(view),
+        csv=data,
         run_id=view.run_id,
         run_at=view.run_at_raw,
         message_key=f"{view.detection_id}.{view.chunk_index}",
         headers=(("X-Alerter-Detection", view.detection_id), ("X-Alerter-Run", view.run_id)),
+        attachment_type="application/zip" if zip_csv else "text/csv",
     )
 
 
@@ -149,6 +166,7 @@ def mime_message(content: MailContent, sender: str, recipients: tuple[str, ...])
     mail.set_content(content.text, subtype="plain", charset="utf-8")
     mail.add_alternative(content.html, subtype="html", charset="utf-8")
     if content.csv is not None and content.csv_name:
-        mail.add_attachment(content.csv, maintype="text", subtype="csv", filename=content.csv_name,
-                            params={"charset": "utf-8"})
+        maintype, _, subtype = content.attachment_type.partition("/")
+        params = {"charset": "utf-8"} if maintype == "text" else {}
+        mail.add_attachment(content.csv, maintype=maintype, subtype=subtype, filename=content.csv_name, params=params)
     return mail

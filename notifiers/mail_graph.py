@@ -20,6 +20,9 @@ from alerter.urls import describe_url
 from notifiers import DeliveryError
 from notifiers.mail_content import MailContent
 
+REQUEST_MAX_BYTES = 3_500_000
+"""Graph takes at most 4 MB per request: above this the CSV goes in a .zip."""
+
 HINTS = {
     400: "Graph refused the message",
     401: "the token was not accepted",
@@ -41,10 +44,14 @@ def send_mail_request(content: MailContent, recipients: tuple[str, ...]) -> dict
         message["attachments"] = [{
             "@odata.type": "#microsoft.graph.fileAttachment",
             "name": content.csv_name,
-            "contentType": "text/csv",
+            "contentType": content.attachment_type,
             "contentBytes": base64.b64encode(content.csv).decode("ascii"),
         }]
     return {"message": message, "saveToSentItems": False}
+
+
+def request_body(content: MailContent, recipients: tuple[str, ...]) -> bytes:
+    return json.dumps(send_mail_request(content, recipients), ensure_ascii=False).encode("utf-8")
 
 
 class GraphMailTransport:
@@ -64,26 +71,24 @@ class GraphMailTransport:
         return 2 * self.policy.worst_case_seconds  # the token, then the request
 
     def _token(self) -> str:
-        from azure.core.exceptions import AzureError
-        from azure.identity import CredentialUnavailableError, DefaultAzureCredential
-
-        if self._credential is None:
-            self._credential = DefaultAzureCredential()
         try:
-            return self._credential.get_token(self.scope).token
-        except (CredentialUnavailableError, AzureError) as error:
-            first_line = (str(error).strip().splitlines() or [""])[0][:200]
-            raise DeliveryError(
-                f"Graph mail: no token for {describe_url(self.endpoint)} ({type(error).__name__}: {first_line})"
-            ) from None
+            if self._credential is None:
+                from azure.identity import DefaultAzureCredential
 
-    def body(self, content: MailContent, recipients: tuple[str, ...]) -> bytes:
-        return json.dumps(send_mail_request(content, recipients), ensure_ascii=False).encode("utf-8")
+                self._credential = DefaultAzureCredential(exclude_interactive_browser_credential=True)
+            return self._credential.get_token(self.scope).token
+        except Exception as error:  # noqa: BLE001 - azure-identity raises several types; all mean "no token"
+            lines = str(getattr(error, "message", None) or error).strip().splitlines()
+            first = lines[0][:200] if lines else type(error).__name__
+            raise DeliveryError(
+                f"Graph mail: no token for {describe_url(self.endpoint)}: in Azure, turn on the Function App's "
+                f"managed identity (AZURE_CLIENT_ID for a user-assigned one); on a workstation, `az login` ({first})"
+            ) from None
 
     def send(self, content: MailContent, recipients: tuple[str, ...]) -> None:
         if not self.sender:
             raise DeliveryError("GRAPH_MAIL_SENDER is not set")
-        body = self.body(content, recipients)
+        body = request_body(content, recipients)
         headers = {"Authorization": f"Bearer {self._token()}", "Content-Type": "application/json; charset=utf-8"}
         try:
             response = post(self._http, self.url, self.policy, what="Graph sendMail", data=body, headers=headers)

@@ -10,6 +10,7 @@ import io
 import logging
 import socket
 import threading
+import zipfile
 from datetime import timedelta
 from email.message import EmailMessage
 from html.parser import HTMLParser
@@ -22,7 +23,7 @@ from alerter.model import Delivery, DeliveryStatus
 from notifiers import DeliveryError, create_notifier
 from notifiers.content import message_view
 from notifiers.email import CHUNK_SIZE_SMTP, EmailNotifier
-from notifiers.mail_content import CSV_COLUMNS, LIST_MAX, csv_cell, mail_content
+from notifiers.mail_content import CSV_COLUMNS, LIST_MAX, csv_cell, mail_content, mime_message
 from notifiers.webhook import sighting_json
 from tests.conftest import DEMO_NOW, cert_row, write_rows
 from tests.support.http_server import Reply
@@ -340,3 +341,15 @@ def test_teams_down_while_mail_works_then_teams_catches_up(make_settings, https_
     for secret in ("VGVhbXNTZWNyZXRTaWc", PASSWORD):
         assert secret not in caplog.text
         assert all(secret not in e for d in first.detections for c in d.channels.values() for e in c.errors)
+
+
+def test_a_zipped_csv_is_an_application_zip_attachment() -> None:
+    content = mail_content(message(many(3)), zip_csv=True)
+    mail = email.message_from_bytes(mime_message(content, "a@contoso.com", ("b@contoso.com",)).as_bytes(),
+                                    policy=email.policy.default)
+    attachment = mail.get_payload()[1]
+    assert attachment.get_content_type() == "application/zip"
+    assert attachment.get_filename() == content.csv_name and content.csv_name.endswith(".csv.zip")
+    with zipfile.ZipFile(io.BytesIO(attachment.get_content())) as archive:
+        assert archive.read(content.csv_name[:-4]).decode("utf-8-sig").count("\r\n") == 4
+    assert f"Attached: {content.csv_name}," in content.text
