@@ -14,6 +14,7 @@ from pathlib import Path
 import duckdb
 import duckdb_kql
 
+from alerter.links import device_link
 from alerter.model import Detection, Link
 from alerter.settings import Settings
 from alerter.sources import QueryError, QueryResult
@@ -86,7 +87,10 @@ class LocalSource:
         return QueryResult(batches=[(self.label, rows)])
 
     def links(self, detection: Detection, device_id: str) -> list[Link]:
-        return []
+        """The Defender device page only: a replayed export's DeviceIds are Defender's, but which
+        portal workspace the data came from is unknown here."""
+        link = device_link(device_id)
+        return [link] if link is not None else []
 
     def close(self) -> None:
         if self._con is not None:
