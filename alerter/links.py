@@ -26,6 +26,7 @@ import base64
 import gzip
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 from urllib.parse import quote, urlsplit
 
 from alerter.model import Detection, Link
@@ -85,11 +86,13 @@ def _gzip(data: bytes) -> bytes:
     return gzip.compress(data, compresslevel=9, mtime=0)  # mtime=0: the same query gives the same link
 
 
+@lru_cache(maxsize=128)  # one detection's query is encoded once per run, not once per device
 def encode_hunting_query(query: str) -> str:
     """Advanced hunting's `query=` value: UTF-16LE, gzip, base64url without padding."""
     return base64.urlsafe_b64encode(_gzip(query.encode("utf-16-le"))).decode("ascii").rstrip("=")
 
 
+@lru_cache(maxsize=128)
 def encode_log_analytics_query(query: str) -> str:
     """The Logs blade's `/q/` path segment: UTF-8, gzip, base64, URL-escaped twice (the portal
     unescapes the hash path once before it reads the segment)."""

@@ -193,6 +193,20 @@ def test_throttling_and_outages_are_retried_with_backoff(source_for, fake, panor
     assert sorted(by_device(result)) == EXPECTED
 
 
+def test_a_dropped_connection_is_retried(source_for, fake, panorama9):
+    fake.then(Reply(drop=True))
+    result = source_for().query(panorama9, DEMO_NOW)
+    assert len(fake.requests) == 2
+    assert sorted(by_device(result)) == EXPECTED
+
+
+def test_an_untrusted_certificate_is_a_clear_error(source_for, fake, panorama9, monkeypatch):
+    monkeypatch.delenv("REQUESTS_CA_BUNDLE")
+    with pytest.raises(QueryError) as caught:
+        source_for(HTTP_RETRIES="0").query(panorama9, DEMO_NOW)
+    assert "certificate not trusted" in str(caught.value) and "REQUESTS_CA_BUNDLE" in str(caught.value)
+
+
 def test_the_quotas_15_minute_wait_is_not_waited_out(source_for, fake, panorama9):
     fake.then(quota_exceeded("900"))
     started = time.monotonic()

@@ -316,7 +316,14 @@ def test_an_untrusted_certificate_is_a_clear_error(source_for, fake, panorama9, 
     monkeypatch.delenv("REQUESTS_CA_BUNDLE")
     with pytest.raises(QueryError) as caught:
         source_for(HTTP_RETRIES="0").query(panorama9, DEMO_NOW)
-    assert "could not reach Log Analytics" in str(caught.value)
+    assert "could not reach Log Analytics" in str(caught.value) and "REQUESTS_CA_BUNDLE" in str(caught.value)
+
+
+def test_a_dropped_connection_is_retried(source_for, fake, panorama9):
+    fake.then(Reply(drop=True))
+    result = source_for().query(panorama9, DEMO_NOW)
+    assert len(fake.requests) == 2
+    assert sorted(devices(result)) == ["d-alpha", "d-bravo"]
 
 
 # --- several workspaces ---------------------------------------------------------------------------

@@ -262,10 +262,13 @@ class LogAnalyticsSource:
                 raise _BadQuery(problem) from None
             raise QueryError(problem) from None
         except (ServiceRequestError, ServiceResponseError) as error:
+            why = [type(error).__name__]
+            if "CERTIFICATE_VERIFY_FAILED" in str(error) or "SSLError" in str(error):
+                why.append("TLS certificate not trusted? see REQUESTS_CA_BUNDLE")
+            if self.retry_policy.last_refusal:
+                why.append(self.retry_policy.last_refusal)
             raise QueryError(
-                f"{scope}: could not reach Log Analytics at {self.where} ({type(error).__name__}"
-                f"{', ' + self.retry_policy.last_refusal if self.retry_policy.last_refusal else ''}); "
-                "the next run retries"
+                f"{scope}: could not reach Log Analytics at {self.where} ({'; '.join(why)}); the next run retries"
             ) from None
         except AzureError as error:
             raise QueryError(f"{scope}: the query failed ({type(error).__name__}: {str(error)[:300]})") from None
