@@ -288,8 +288,8 @@ def test_a_missing_role_gets_403_and_the_role_is_explained(source_for, fake, pan
 def test_no_managed_identity_token_is_a_clear_error(source_for, fake, panorama9, managed_identity):  # noqa: F811
     managed_identity.refuse = 400  # App Service: no identity assigned to the app
     with pytest.raises(QueryError) as caught:
-        source_for().query(panorama9, DEMO_NOW)
-    assert "no Azure credential produced a token" in str(caught.value)
+        source_for(LOG_ANALYTICS_WORKSPACE_ID=f"{WS_A},{WS_B}").query(panorama9, DEMO_NOW)
+    assert str(caught.value).count("no Azure credential produced a token") == 1  # said once, not per workspace
     assert fake.requests == []
     assert_no_secrets(managed_identity, str(caught.value))
 
@@ -462,6 +462,26 @@ def test_a_failed_query_sends_nothing_and_loses_nothing(app_settings, fake, webh
     # The next tick: the service answers, and every device is delivered.
     assert cli.main(["run"]) == 0
     assert len(posted_sightings(webhook_server)) == 3
+
+
+def test_a_refused_query_names_its_detection_and_does_not_silence_the_others(
+    app_settings, fake, webhook_server, tmp_path, monkeypatch, capsys, caplog
+):
+    folder = tmp_path / "detections"
+    folder.mkdir()
+    (folder / "panorama9-filesig.yaml").write_text((ROOT / "detections" / "panorama9-filesig.yaml").read_text())
+    (folder / "unknown-table.yaml").write_text(
+        "id: 0b0b0b0b-0000-4000-8000-000000000000\nname: Hunting a table this workspace lacks\n"
+        "query: |\n  NoSuchTable\n  | summarize by DeviceId, DeviceName\n"
+    )
+    monkeypatch.setenv("DETECTIONS_PATH", str(folder))
+    assert cli.main(["run"]) == 1
+    summary = capsys.readouterr().out
+    assert "Hunting a table this workspace lacks: QUERY FAILED" in summary and "BadArgumentError" in summary
+    assert "Hunting a table this workspace lacks" in caplog.text and "unknown-table.yaml" in caplog.text
+    assert sorted(s["deviceId"] for s in posted_sightings(webhook_server)) == ["d-alpha", "d-bravo", "d-charlie"]
+    refused = [body for body in fake.bodies() if body["query"].startswith("NoSuchTable")]
+    assert len(refused) == 1  # not retried, not repeated for the second workspace
 
 
 def test_the_timer_function_delivers_the_right_devices(app_settings, fake, webhook_server, monkeypatch):

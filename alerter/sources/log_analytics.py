@@ -210,8 +210,8 @@ class LogAnalyticsSource:
         for workspace in self.workspaces:
             try:
                 _, rows, incomplete = self._run(detection, workspace, None)
-            except _BadQuery as error:
-                raise QueryError(str(error)) from None  # the same query fails in every workspace
+            except _SameEverywhere as error:
+                raise QueryError(str(error)) from None  # asking the other workspaces would fail the same way
             except QueryError as error:
                 failures.append((workspace, error))
                 continue
@@ -245,7 +245,7 @@ class LogAnalyticsSource:
             )
         except ClientAuthenticationError as error:
             if getattr(error, "response", None) is None:
-                raise QueryError(f"{scope}: {credential_problem(error)}") from None
+                raise _SameEverywhere(credential_problem(error)) from None
             raise QueryError(self._http_problem(error, scope, len(responses))) from None
         except (DecodeError, ValueError):
             # The generated client parses the body itself: an HTML page or a cut-off body is a ValueError.
@@ -254,12 +254,12 @@ class LogAnalyticsSource:
             if error.status_code is None:
                 # query_workspace re-raises every error of the pipeline as a plain HttpResponseError;
                 # one without a status never reached the service: the credential gave no token.
-                raise QueryError(f"{scope}: {credential_problem(error)}") from None
+                raise _SameEverywhere(credential_problem(error)) from None
             if 200 <= error.status_code < 300:
                 raise QueryError(self._malformed(scope, responses)) from None  # a DecodeError, re-raised
             problem = self._http_problem(error, scope, len(responses))
             if error.status_code == 400:
-                raise _BadQuery(problem) from None
+                raise _SameEverywhere(problem) from None
             raise QueryError(problem) from None
         except (ServiceRequestError, ServiceResponseError) as error:
             why = [type(error).__name__]
@@ -325,8 +325,8 @@ class LogAnalyticsSource:
         return f"{head}{tried}"
 
 
-class _BadQuery(QueryError):
-    """HTTP 400: the KQL itself was refused; asking the other workspaces would fail the same way."""
+class _SameEverywhere(QueryError):
+    """The KQL was refused (HTTP 400) or no token was had: every other workspace would fail the same way."""
 
 
 def _service_error(error: HttpResponseError) -> tuple[str, str]:
