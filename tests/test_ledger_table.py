@@ -189,6 +189,23 @@ def test_new_devices_are_written_in_transactions_of_at_most_100(store: TableStor
     assert max(spy.sizes) <= BATCH_MAX
 
 
+def test_large_sightings_are_batched_under_the_4_mib_transaction_limit(store: TableStore) -> None:
+    names = ["名" * 3_000 + f"-{i}" for i in range(20)]  # ~380,000 characters of JSON per sighting
+    spy = TransactionSpy(store)
+    big = [sighting(f"big-{i:02d}", names[0], device_names=names) for i in range(12)]
+    assert sorted(store.add_new(DET, big, ["webhook"], NOW)) == [s.device_key for s in big]
+    assert len(spy.sizes) > 1 and sum(spy.sizes) == 12  # one transaction would be ~5 MB: refused (413)
+
+    store.mark_sent(store.claim(store.due("webhook", NOW), "run", 60), NOW)  # the entities are cached now
+    later = NOW + timedelta(days=31)
+    fresh = [replace(s, device_names=list(reversed(names)), realert=True) for s in big]
+    before = len(spy.sizes)
+    assert store.requeue(DET, fresh, ["webhook"], later) == 12
+    assert len(spy.sizes) - before > 1 and sum(spy.sizes[before:]) == 12
+    due = store.due("webhook", later)
+    assert len(due) == 12 and all(d.sighting.device_names == list(reversed(names)) for d in due)
+
+
 def test_the_known_set_is_one_paged_query_not_a_request_per_device(store: TableStore) -> None:
     store.add_new(DET, [sighting(f"dev-{i:04d}") for i in range(250)], ["webhook"], NOW)
     before = store.request_count

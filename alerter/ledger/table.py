@@ -428,28 +428,27 @@ class TableStore:
         for key in edits:
             (by_partition.setdefault(key[0], []) if key in self._cache else alone).append(key)
         for keys in by_partition.values():
-            for chunk in _chunks(keys):
-                operations, planned = [], []
-                for key in chunk:
-                    cached = self._cache[key]
-                    updated = dict(cached.entity)
-                    results = [edit(updated) for edit in edits[key]]
-                    patch = _patch(cached.entity, updated)
-                    outcomes[key] = results
-                    if patch:
-                        operations.append(("update", {"PartitionKey": key[0], "RowKey": key[1], **patch},
-                                           {"mode": UpdateMode.MERGE, "etag": cached.etag,
-                                            "match_condition": MatchConditions.IfNotModified}))
-                        planned.append((key, updated))
-                if not operations:
-                    continue
+            planned: list[tuple[Key, dict[str, Any], dict[str, Any], str]] = []
+            for key in keys:
+                cached = self._cache[key]
+                updated = dict(cached.entity)
+                outcomes[key] = [edit(updated) for edit in edits[key]]
+                patch = _patch(cached.entity, updated)
+                if patch:
+                    planned.append((key, updated, {"PartitionKey": key[0], "RowKey": key[1], **patch}, cached.etag))
+            for chunk in _chunks(planned, lambda item: _wire_size(item[2])):
+                operations = [
+                    ("update", patch, {"mode": UpdateMode.MERGE, "etag": etag,
+                                       "match_condition": MatchConditions.IfNotModified})
+                    for _, _, patch, etag in chunk
+                ]
                 with self._calling("write a transaction"):
                     try:
                         answers = self._table.submit_transaction(operations)
                     except TableTransactionError:
-                        alone.extend(key for key, _ in planned)
+                        alone.extend(key for key, *_ in chunk)
                         continue
-                for (key, updated), answer in zip(planned, answers):
+                for (key, updated, _, _), answer in zip(chunk, answers):
                     self._cache[key] = _Cached(updated, answer["etag"])
         for key in alone:
             outcomes[key] = self._edit_alone(key, edits[key])
@@ -521,7 +520,7 @@ class TableStore:
             entity.update(_derived(entity))
             entities[row] = entity
         created: set[str] = set()
-        for chunk in _chunks(list(entities.values()), lambda e: len(json.dumps(e, default=str))):
+        for chunk in _chunks(list(entities.values()), _wire_size):
             with self._calling("record new devices"):
                 try:
                     self._table.submit_transaction([("create", entity) for entity in chunk])
@@ -758,6 +757,11 @@ def _patch(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
 
 
 _MISSING = object()
+
+
+def _wire_size(entity: dict[str, Any]) -> int:
+    """About the bytes an entity takes in a transaction's body."""
+    return len(json.dumps(entity, default=str)) + 200
 
 
 def _describe_endpoint(url: str) -> str:
