@@ -89,7 +89,6 @@ SIGHTING, SIGHTING_PARTS, FIRST_REPORTED = "sighting", "sighting_parts", "first_
 STATUSES, LAST_SENT = "statuses", "last_sent"
 DEVICE_KEY, DETECTION_ID = "device_key", "detection_id"
 """Stored only when the escaped key was too long for the RowKey / PartitionKey and was hashed."""
-CHANNEL_FIELDS = ("status", "attempts", "created", "next", "sent", "error", "lease_owner", "lease_until")
 _CHANNEL_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9]{0,39}$")
 NO_LEASE_OWNER, NO_LEASE = "", 0.0
 """A merge cannot remove a property, so "no lease" is an empty owner and a zero expiry."""
@@ -306,6 +305,11 @@ class _Cached:
 
 
 class TableStore:
+    """The ledger in one table. With STATE_TABLE_ENDPOINT (or AzureWebJobsStorage__accountName)
+    it signs in with DefaultAzureCredential (the Function App's managed identity), so the account
+    can disable shared keys; otherwise it uses the STATE_CONNECTION / AzureWebJobsStorage
+    connection string (`UseDevelopmentStorage=true` included). The table is created if missing."""
+
     page_size = PAGE_SIZE
 
     def __init__(self, settings: Settings) -> None:
@@ -341,11 +345,15 @@ class TableStore:
             raise LedgerError("STATE_STORE is table, but neither STATE_CONNECTION nor STATE_TABLE_ENDPOINT is set")
         self._service = service
         self._table: TableClient = service.get_table_client(self.table_name)
-        with self._calling("create the table"):
-            try:
-                self._service.create_table(self.table_name)
-            except ResourceExistsError:
-                pass
+        try:
+            with self._calling("create the table"):
+                try:
+                    self._service.create_table(self.table_name)
+                except ResourceExistsError:
+                    pass
+        except LedgerError:
+            self.close()
+            raise
 
     # --- plumbing ------------------------------------------------------------------------------
 
@@ -367,7 +375,10 @@ class TableStore:
             raise LedgerError(self._message(what, reason)) from None
         except HttpResponseError as error:
             code = f" {error.error_code}" if getattr(error, "error_code", None) else ""
-            raise LedgerError(self._message(what, f"HTTP {error.status_code}{code}")) from None
+            hint = ""
+            if error.status_code == 403 and self._credential is not None:
+                hint = "; the identity needs the Storage Table Data Contributor role on the account"
+            raise LedgerError(self._message(what, f"HTTP {error.status_code}{code}{hint}")) from None
         except ServiceRequestError:
             raise LedgerError(self._message(what, "cannot connect")) from None
         except ServiceResponseError:
