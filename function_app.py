@@ -22,7 +22,10 @@ def alerter_timer(timer: func.TimerRequest) -> None:
     redact.install(settings.redactor())
     if timer.past_due:
         logging.warning("the timer is past due: this run catches up on the missed schedule")
-    report = run_cycle(settings)
+    try:
+        report = run_cycle(settings)
+    except Exception as error:  # the host logs what is raised: make sure it carries no secret
+        raise CycleFailed(settings.redactor()(f"the cycle stopped: {type(error).__name__}: {error}")) from None
     logging.info("%s", format_summary(report))
     if not report.ok:
         raise CycleFailed(f"run {report.run.id} failed; what worked is recorded, the rest retries next run")

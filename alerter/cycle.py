@@ -83,6 +83,8 @@ class Cycle:
         self.settings = settings
         self.dry_run = dry_run
         self.preview = preview or dry_run
+        self.record = not dry_run
+        """Whether this run writes to the ledger (and so may send)."""
         clock = (now or datetime.now(timezone.utc)).astimezone(timezone.utc)
         self.report = RunReport(run=RunInfo(id=str(uuid.uuid4()), at=clock), dry_run=dry_run)
         self.started = time.monotonic()
@@ -101,11 +103,20 @@ class Cycle:
             log.error("detection problem: %s", problem)
             report.problems.append(str(problem))
         self.detections = {d.id: d for d in loaded.detections}
-        if not self.settings.channels:
-            report.notes.append(
-                "No delivery channel is configured (WEBHOOK_URL, TEAMS_WEBHOOK_URL, EMAIL_TO): new devices are "
-                "recorded as reported but sent nowhere"
-            )
+        if not self.settings.channels and not self.dry_run:
+            if self.preview:
+                report.notes.append(
+                    "No delivery channel is configured (WEBHOOK_URL, TEAMS_WEBHOOK_URL, EMAIL_TO): new devices "
+                    "are recorded as reported and shown in the preview only"
+                )
+            else:
+                # Recording devices that go nowhere would use them up for good: a channel set
+                # later does not replay history. So record nothing, and fail loudly.
+                self.record = False
+                report.problems.append(
+                    "No delivery channel is configured (WEBHOOK_URL, TEAMS_WEBHOOK_URL or EMAIL_TO): "
+                    "nothing was recorded, so nothing is lost until one is set"
+                )
         try:
             suppressions = load_suppressions(self.settings.suppressions_path)
         except ValueError as error:
@@ -154,7 +165,15 @@ class Cycle:
             return
         try:
             for detection in detections:
-                self.report.detections.append(self._query_one(detection, source, suppressions, store))
+                try:
+                    report = self._query_one(detection, source, suppressions, store)
+                except LedgerError:
+                    raise
+                except Exception as error:  # one detection's surprise never stops the others
+                    text = self.settings.redactor()(f"{type(error).__name__}: {error}")
+                    log.exception("detection %s (%s): failed unexpectedly", detection.name, detection.path)
+                    report = DetectionReport(detection.id, detection.name, query_error=f"unexpected error: {text}")
+                self.report.detections.append(report)
         finally:
             source.close()
 
@@ -188,7 +207,7 @@ class Cycle:
         realerts = self._realerts(active, known)
         dr.known = len(active) - len(new)
         channels = self.settings.channels
-        if self.dry_run or store is None:
+        if not self.record or store is None:
             dr.new, dr.realerts = len(new), len(realerts)
         else:
             created = store.add_new(detection.id, new, channels, self.now)
@@ -242,7 +261,7 @@ class Cycle:
                     "%d deliveries are pending for channel %s, which is no longer configured",
                     statuses["pending"], channel,
                 )
-        if self.dry_run:
+        if not self.record:
             for channel in self.settings.channels:
                 due = store.due(channel, self.now)
                 carried = [d for d in due if (d.detection_id, d.device_key) not in self.created_this_run]
@@ -305,14 +324,17 @@ class Cycle:
         notifier: Notifier = create_notifier(channel, self.settings)
         lease = max(LEASE_SECONDS, notifier.send_seconds_max())
         budget = self.settings.run_budget.total_seconds()
+        held_back = ""  # once set, the channel's remaining messages wait for the next run untouched
         try:
             for planned in plan_messages(due, notifier.chunk_size, self.detections, self.report.run):
                 outcome = self._detection_report(planned.message.detection.id).channel(channel)
-                if time.monotonic() - self.started > budget:
-                    outcome.errors.append("run budget used up; left pending for the next run")
-                    log.warning("channel %s: run budget used up, %d deliveries left pending", channel,
-                                len(planned.deliveries))
+                if not held_back and time.monotonic() - self.started > budget:
+                    held_back = "run budget used up"
+                if held_back:
+                    # Not attempted, so not a failed attempt: they stay pending and due as they are.
                     outcome.failed += len(planned.deliveries)
+                    if f"{held_back}; left pending for the next run" not in outcome.errors:
+                        outcome.errors.append(f"{held_back}; left pending for the next run")
                     continue
                 claimed = store.claim(planned.deliveries, self.report.run.id, lease)
                 if not claimed:
@@ -332,6 +354,9 @@ class Cycle:
                         "channel %s: %s: %d deliveries of %s left pending for the next run",
                         channel, text, len(claimed) - gave_up, message.detection.name,
                     )
+                    # A channel that just failed most likely fails again: do not spend the run's
+                    # time budget on it while other channels wait.
+                    held_back = f"{channel} failed earlier in this run"
                     continue
                 store.mark_sent(claimed, self.now)
                 outcome.sent += len(claimed)

@@ -8,10 +8,13 @@ URL: webhook URLs carry their signature in the query string.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime, timezone
+from email.utils import parsedate_to_datetime
 from typing import Any
 
 import requests
 from requests.adapters import HTTPAdapter
+from urllib3.exceptions import MaxRetryError, ReadTimeoutError, ResponseError
 from urllib3.util import Retry
 
 from alerter.urls import describe_url
@@ -43,8 +46,37 @@ class HttpPolicy:
         return (self.retries + 1) * self.timeout * 2 + waits + self.retries * RETRY_AFTER_MAX_SECONDS
 
 
+class BoundedRetry(Retry):
+    """urllib3's Retry, except that a Retry-After beyond RETRY_AFTER_MAX_SECONDS ends the in-run
+    retries at once: the caller gets that response (and its Retry-After) instead of a long sleep."""
+
+    def increment(self, method=None, url=None, response=None, error=None, _pool=None, _stacktrace=None):  # type: ignore[no-untyped-def, override]
+        if response is not None:
+            wait = retry_after_seconds(response.headers.get("Retry-After"))  # urllib3's own caps it
+            if wait is not None and wait > RETRY_AFTER_MAX_SECONDS:
+                raise MaxRetryError(_pool, url, ResponseError(f"Retry-After {wait:.0f} s is past the run"))
+        return super().increment(method, url, response, error, _pool, _stacktrace)
+
+
+def retry_after_seconds(value: str | None) -> float | None:
+    """A Retry-After header (seconds or an HTTP date) as seconds from now."""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    return max(0.0, (when - datetime.now(timezone.utc)).total_seconds())
+
+
 def session(policy: HttpPolicy, statuses: frozenset[int] = RETRY_STATUSES) -> requests.Session:
-    retry = Retry(
+    retry = BoundedRetry(
         total=policy.retries,
         connect=policy.retries,
         read=policy.retries,
@@ -78,7 +110,11 @@ def post(
         raise HttpCallError(f"{what} at {where}: no answer within {policy.timeout:g} s") from None
     except requests.exceptions.SSLError:
         raise HttpCallError(f"{what} at {where}: TLS handshake failed (certificate not trusted?)") from None
-    except requests.exceptions.ConnectionError:
+    except requests.exceptions.ConnectionError as error:
+        # urllib3 wraps a read timeout after the last retry in a connection error.
+        reason = getattr(error.args[0], "reason", None) if error.args else None
+        if isinstance(reason, ReadTimeoutError):
+            raise HttpCallError(f"{what} at {where}: no answer within {policy.timeout:g} s") from None
         raise HttpCallError(f"{what} at {where}: connection failed") from None
     except requests.exceptions.RequestException as error:
         raise HttpCallError(f"{what} at {where}: {type(error).__name__}") from None

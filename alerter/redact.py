@@ -10,8 +10,11 @@ MASK = "***"
 
 
 def _fragments(secret: str) -> set[str]:
-    """The secret itself and, for a URL, its path and query, which is where signatures live."""
+    """The secret itself; for a URL, its path and query, which is where signatures live; for a
+    connection string (`AccountName=…;AccountKey=…`), each value, since a key may be shown alone."""
     found = {secret}
+    if ";" in secret and "=" in secret:
+        found.update(part.split("=", 1)[1] for part in secret.split(";") if "=" in part)
     try:
         parts = urlsplit(secret)
     except ValueError:
@@ -54,20 +57,28 @@ class RedactingFilter(logging.Filter):
         self._redact = redactor
 
     def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
+        try:
+            message = record.getMessage()
+        except Exception:  # a bad format string must not turn a log call into a crash
+            message = f"{record.msg!s} {record.args!r}"
         if record.exc_info and not record.exc_text:
             record.exc_text = logging.Formatter().formatException(record.exc_info)
         if record.exc_text:
             record.exc_text = self._redact(record.exc_text)
+            record.exc_info = None  # handlers that format exc_info themselves would bypass the mask
+        if record.stack_info:
+            record.stack_info = self._redact(record.stack_info)
         record.msg, record.args = self._redact(message), None
         return True
 
 
 def install(redactor: Redactor, logger: logging.Logger | None = None) -> RedactingFilter:
-    """Attach the filter to every handler of the logger (root by default) and to the logger."""
+    """Attach the filter to every handler of the logger (root by default), replacing one that an
+    earlier call installed: a warm Functions host calls this once per invocation."""
     target = logger or logging.getLogger()
     flt = RedactingFilter(redactor)
-    target.addFilter(flt)
-    for handler in target.handlers:
-        handler.addFilter(flt)
+    for holder in (target, *target.handlers):
+        for old in [f for f in holder.filters if isinstance(f, RedactingFilter)]:
+            holder.removeFilter(old)
+        holder.addFilter(flt)
     return flt

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from datetime import time, timedelta
 from pathlib import Path
 
-from croniter import croniter
+from croniter import CroniterBadDateError, croniter
 
 from alerter.redact import Redactor
 from alerter.urls import is_loopback_host, url_problem
@@ -42,7 +42,10 @@ def parse_duration(text: str) -> timedelta:
     if not match:
         raise ValueError("must be a number and a unit: s, m, h, d or w (e.g. 30d, 12h)")
     amount, unit = int(match.group(1)), match.group(2).lower()
-    return timedelta(**{_DURATION_UNITS[unit]: amount})
+    try:
+        return timedelta(**{_DURATION_UNITS[unit]: amount})
+    except OverflowError:
+        raise ValueError("is too long") from None
 
 
 def _comma_list(value: str | None) -> list[str]:
@@ -201,10 +204,13 @@ class _Parser:
         if raw is None or raw.lower() in ("off", "never"):
             return None
         try:
-            return time.fromisoformat(raw)
+            value = time.fromisoformat(raw)
         except ValueError:
+            value = None
+        if value is None or value.tzinfo is not None:
             self.problem(name, f"must be a UTC time of day like 09:00, or off (got {raw!r})")
             return None
+        return value
 
     def url(self, name: str, default: str | None = None, secret: bool = False) -> str | None:
         value = self.get(name, default)
@@ -241,6 +247,11 @@ class _Parser:
             self.problem(
                 "ALERT_SCHEDULE", f"must be an NCRONTAB expression with six fields, seconds first (got {schedule!r})"
             )
+        else:
+            try:
+                croniter(schedule, second_at_beginning=True).get_next()
+            except (CroniterBadDateError, ValueError):
+                self.problem("ALERT_SCHEDULE", f"never fires (got {schedule!r})")
 
         if store == "table" and not (connection or table_endpoint):
             self.problem("STATE_STORE", "is table, but neither STATE_CONNECTION, AzureWebJobsStorage nor "

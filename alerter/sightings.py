@@ -137,9 +137,18 @@ def _merge_row(
     device_name = str(_cell(row, columns.device_name) or "").strip()
     if not device_id and not device_name:
         return
-    first = as_utc(_cell(row, columns.first_seen))
-    last = as_utc(_cell(row, columns.last_seen))
-    count = int(_cell(row, columns.count) or 1)
+    try:
+        first = as_utc(_cell(row, columns.first_seen))
+        last = as_utc(_cell(row, columns.last_seen))
+    except ValueError:
+        raise ResultShapeError(
+            f"column {columns.first_seen}/{columns.last_seen} holds a value that is not a time "
+            f"(device {device_id or device_name!r})"
+        ) from None
+    try:
+        count = int(_cell(row, columns.count) or 1)
+    except (TypeError, ValueError):
+        raise ResultShapeError(f"column {columns.count} holds a value that is not a number") from None
     reports = _report_ids(_cell(row, columns.report))
     key = device_key(device_id, device_name)
     sighting = by_key.get(key)

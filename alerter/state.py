@@ -75,14 +75,14 @@ def cmd_list(args: argparse.Namespace, store: Store, settings: Settings, json_ou
             print(f"{names.get(current, current)} ({current})")
         s = record.sighting
         # Device names come from endpoints: repr() shows control and bidi characters as escapes.
-        print(f"  {s.device_name!r} id={s.device_id or '-'} first reported {_time(record.first_reported_at)}")
+        print(f"  {s.device_name!r} id={s.device_id!r} first reported {_time(record.first_reported_at)}")
         for d in record.deliveries:
             detail = {
                 DeliveryStatus.SENT: f"sent {_time(d.sent_at)}",
                 DeliveryStatus.PENDING: f"pending, {d.attempts} attempts, next {_time(d.next_attempt_at)}",
                 DeliveryStatus.FAILED: f"FAILED after {d.attempts} attempts",
             }[d.status]
-            error = f" — {d.last_error}" if d.last_error and d.status is not DeliveryStatus.SENT else ""
+            error = f" — {d.last_error!r}" if d.last_error and d.status is not DeliveryStatus.SENT else ""
             print(f"    {d.channel}: {detail}{error}")
     print(f"{len(records)} device(s)")
     return EXIT_OK

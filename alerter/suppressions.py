@@ -49,7 +49,9 @@ class Suppression:
         if self.device_name_glob is not None:
             pattern = self.device_name_glob.lower()
             names = sighting.device_names or [sighting.device_name]
-            if not any(fnmatch.fnmatchcase(name.lower(), pattern) for name in names):
+            # Every name the device had must match: renaming a machine into a sanctioned pattern
+            # must not hide what it was called before.
+            if not all(fnmatch.fnmatchcase(name.lower(), pattern) for name in names):
                 return False
         return True
 

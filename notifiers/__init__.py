@@ -18,6 +18,11 @@ class DeliveryError(Exception):
     """The channel did not accept the message. The text is stored in the ledger and logged, so
     it must never hold a URL's path or query, a password or a token."""
 
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+        """Seconds the channel asked us to wait (Retry-After): the next attempt is not earlier."""
+
 
 @dataclass(frozen=True)
 class Rendered:

@@ -103,11 +103,24 @@ def test_settings_and_usage_errors_exit_2(settings_file):
     assert status == 2 and "not an ISO 8601 time" in err
 
 
-def test_no_channel_configured_is_said_plainly(settings_file, data_dir, capsys):
+def test_no_channel_configured_fails_loudly_and_uses_up_nothing(settings_file, data_dir, tmp_path, capsys,
+                                                                 webhook_server):
     write_rows(data_dir, [cert_row("d1", "ws-1", "2026-05-30T10:00:00Z")])
-    assert main(["run", "--settings", str(settings_file()), "--now", NOW]) == 0
+    assert main(["run", "--settings", str(settings_file()), "--now", NOW]) == 1
     out = capsys.readouterr().out
-    assert "No delivery channel is configured" in out
+    assert "PROBLEM: No delivery channel is configured" in out and "nothing was recorded" in out
+    # Once a channel is set, the device goes out: the channel-less run consumed nothing.
+    assert main(["run", "--settings", str(settings_file(WEBHOOK_URL=webhook_server.url + "/h")), "--now", NOW]) == 0
+    assert [s["deviceId"] for r in webhook_server.requests for s in r.json()["sightings"]] == ["d1"]
+
+
+def test_with_a_preview_and_no_channel_the_run_records_and_shows_it(settings_file, data_dir, tmp_path, capsys):
+    write_rows(data_dir, [cert_row("d1", "ws-1", "2026-05-30T10:00:00Z")])
+    path = settings_file()
+    assert main(["run", "--settings", str(path), "--now", NOW, "--preview", str(tmp_path / "p")]) == 0
+    assert "shown in the preview only" in capsys.readouterr().out
+    assert main(["run", "--settings", str(path), "--now", NOW]) == 1  # still no channel: loud
+    assert ": 1 devices, 0 new, 1 already reported" in capsys.readouterr().out
 
 
 def test_the_sender_retries_every_run_after_a_failure_with_exit_1_until_delivered(settings_file, data_dir,

@@ -190,3 +190,15 @@ def test_a_delivery_error_in_the_ledger_is_redacted(make_settings, data_dir, htt
     assert SIGNED_PATH not in error and "sig=" not in error
     # Backed off for a minute after the first failure: a run 30 s later does not hammer it.
     assert run_cycle(settings, now=DEMO_NOW + timedelta(seconds=30)).detections[0].channels == {}
+
+
+def test_a_retry_after_past_the_run_is_not_slept_in_the_run(make_settings, data_dir, https_server, hook_url):
+    import time
+
+    write_rows(data_dir, [cert_row("d1", "ws-1", "2026-05-30T10:00:00Z")])
+    https_server.default = Reply(429, headers={"Retry-After": "3600"})
+    started = time.monotonic()
+    report = run_cycle(make_settings(WEBHOOK_URL=hook_url), now=DEMO_NOW)
+    assert time.monotonic() - started < 10
+    assert not report.ok and len(https_server.requests) == 1  # no in-run retry of a one-hour wait
+    assert "HTTP 429" in report.detections[0].channels["webhook"].errors[0]

@@ -96,3 +96,16 @@ def test_a_missing_table_is_a_clear_query_error(make_settings, data_dir: Path, s
     source = LocalSource(make_settings())
     with pytest.raises(QueryError, match="DeviceFileCertificateInfo"):
         source.query(seed, DEMO_NOW)
+
+
+@pytest.mark.parametrize("bad_time", ["31/05/2026 10:30:00", "May 31, 2026 10:30:00 AM"])
+def test_a_time_that_does_not_read_is_refused_not_silently_dropped(make_settings, data_dir: Path, seed, bad_time):
+    data_dir.mkdir(parents=True)
+    (data_dir / "DeviceFileCertificateInfo.csv").write_text(
+        "Timestamp,DeviceId,DeviceName,Signer,ReportId\n"
+        "2026-05-30T10:00:00Z,d1,ws-1,Panorama9,1\n"
+        f'"{bad_time}",d2,ws-2,Panorama9,2\n'
+    )
+    source = LocalSource(make_settings())
+    with pytest.raises(QueryError, match=r"DeviceFileCertificateInfo.csv: column Timestamp holds .* not an ISO 8601"):
+        source.query(seed, DEMO_NOW)

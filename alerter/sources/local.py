@@ -56,21 +56,31 @@ class LocalSource:
             literal = "'" + str(path).replace("'", "''") + "'"
             try:
                 con.execute(f'CREATE TABLE "{path.stem}" AS SELECT * FROM {reader.format(path=literal)}')
-                self._fix_text_datetimes(con, path.stem)
+                self._fix_text_datetimes(con, path.stem, path.name)
             except duckdb.Error as error:
                 raise QueryError(f"LOCAL_DATA_PATH file {path.name} cannot be read: {error}") from None
         self._con = con
         return con
 
     @staticmethod
-    def _fix_text_datetimes(con: duckdb.DuckDBPyConnection, table: str) -> None:
+    def _fix_text_datetimes(con: duckdb.DuckDBPyConnection, table: str, file_name: str) -> None:
         columns = con.execute(f'DESCRIBE "{table}"').fetchall()
         for name, column_type, *_ in columns:
-            if column_type == "VARCHAR" and DATETIME_COLUMN.search(name):
-                con.execute(
-                    f'ALTER TABLE "{table}" ALTER COLUMN "{name}" TYPE TIMESTAMPTZ '
-                    f'USING try_cast(regexp_replace("{name}", \'(\\.\\d{{6}})\\d+\', \'\\1\') AS TIMESTAMPTZ)'
+            if column_type != "VARCHAR" or not DATETIME_COLUMN.search(name):
+                continue
+            as_time = f'try_cast(regexp_replace("{name}", \'(\\.\\d{{6}})\\d+\', \'\\1\') AS TIMESTAMPTZ)'
+            # A value that does not read as a time would become NULL and fall out of every time
+            # window without a word: refuse the file instead, naming an example.
+            unreadable = con.execute(
+                f'SELECT "{name}" FROM "{table}" WHERE "{name}" IS NOT NULL AND "{name}" <> \'\' '
+                f"AND {as_time} IS NULL LIMIT 1"
+            ).fetchone()
+            if unreadable:
+                raise QueryError(
+                    f"LOCAL_DATA_PATH file {file_name}: column {name} holds {unreadable[0][:40]!r}, which is not "
+                    "an ISO 8601 time (export times as ISO 8601, e.g. 2026-05-31T10:30:00Z)"
                 )
+            con.execute(f'ALTER TABLE "{table}" ALTER COLUMN "{name}" TYPE TIMESTAMPTZ USING {as_time}')
 
     def query(self, detection: Detection, now: datetime) -> QueryResult:
         con = self._connection()

@@ -107,7 +107,7 @@ class RecordingServer:
             scheme = "https"
         host, port = self._server.server_address[:2]
         self.url = f"{scheme}://127.0.0.1:{port}"
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
 
     def _reply_for(self, recorded: Recorded) -> Reply:
         with self._lock:
