@@ -16,6 +16,7 @@ from pathlib import Path
 
 from croniter import CroniterBadDateError, croniter
 
+from alerter.links import is_workspace_resource_id
 from alerter.redact import Redactor
 from alerter.urls import is_loopback_host, url_problem
 
@@ -59,6 +60,8 @@ class Settings:
     detections: tuple[str, ...] = ()
     query_source: str = "log_analytics"
     log_analytics_workspace_ids: tuple[str, ...] = ()
+    log_analytics_workspace_resource_ids: tuple[str, ...] = ()
+    """Azure resource ids of the same workspaces: only for "open in Log Analytics" links."""
     log_analytics_endpoint: str = "https://api.loganalytics.io"
     graph_endpoint: str = "https://graph.microsoft.com"
     local_data_path: Path | None = None
@@ -235,6 +238,15 @@ class _Parser:
         if source == "log_analytics" and not workspaces and not self.failed("QUERY_SOURCE"):
             self.problem("LOG_ANALYTICS_WORKSPACE_ID", "is required when QUERY_SOURCE is log_analytics")
 
+        resource_ids = tuple(_comma_list(self.get("LOG_ANALYTICS_WORKSPACE_RESOURCE_ID")))
+        for resource_id in resource_ids:
+            if not is_workspace_resource_id(resource_id):
+                self.problem(
+                    "LOG_ANALYTICS_WORKSPACE_RESOURCE_ID",
+                    f"{resource_id!r} is not a workspace resource id (/subscriptions/…/resourceGroups/…/providers/"
+                    "Microsoft.OperationalInsights/workspaces/…)",
+                )
+
         local_data = self.get("LOCAL_DATA_PATH")
         if source == "local":
             if local_data is None:
@@ -295,6 +307,7 @@ class _Parser:
             detections=tuple(_comma_list(self.get("DETECTIONS"))),
             query_source=source,
             log_analytics_workspace_ids=workspaces,
+            log_analytics_workspace_resource_ids=resource_ids,
             log_analytics_endpoint=self.url("LOG_ANALYTICS_ENDPOINT", Settings.log_analytics_endpoint)
             or Settings.log_analytics_endpoint,
             graph_endpoint=self.url("GRAPH_ENDPOINT", Settings.graph_endpoint) or Settings.graph_endpoint,

@@ -500,6 +500,7 @@ resource appSettings 'Microsoft.Web/sites/config@2024-04-01' = {
     ALERT_SCHEDULE: alertSchedule
     QUERY_SOURCE: querySource
     LOG_ANALYTICS_WORKSPACE_ID: sentinelWorkspace.properties.customerId
+    LOG_ANALYTICS_WORKSPACE_RESOURCE_ID: sentinelWorkspaceResourceId
     STATE_STORE: 'table'
     STATE_TABLE_ENDPOINT: 'https://${storage.name}.table.${environment().suffixes.storage}'
     STATE_TABLE_NAME: stateTableName

@@ -19,6 +19,9 @@ if str(ROOT) not in sys.path:
 from alerter.settings import Settings  # noqa: E402
 from tests.support.http_server import RecordingServer  # noqa: E402
 
+# Real parts started per session: the managed-identity endpoint and Azurite (Table Storage).
+pytest_plugins = ["tests.support.identity", "tests.support.azurite"]
+
 DEMO_NOW = datetime(2026, 5, 31, 11, 0, tzinfo=timezone.utc)
 PANORAMA9_ID = "7a706363-95d0-4c85-9a65-f4a4463d09cf"
 
@@ -72,12 +75,13 @@ def data_dir(tmp_path: Path) -> Path:
     return tmp_path / "data"
 
 
-@pytest.fixture(params=["sqlite"])
+@pytest.fixture(params=["sqlite", "table"])
 def state_values(request: pytest.FixtureRequest, tmp_path: Path) -> dict[str, str]:
-    """Settings for the ledger, one set per store: the same behaviour must hold on each."""
+    """Settings for the ledger, one set per store: the same behaviour must hold on each
+    (Table Storage through a real Azurite, a fresh table per test)."""
     if request.param == "sqlite":
         return {"STATE_STORE": "sqlite", "STATE_PATH": str(tmp_path / "state.db")}
-    raise AssertionError(request.param)
+    return dict(request.getfixturevalue("table_state_values"))
 
 
 @pytest.fixture

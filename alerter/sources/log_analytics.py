@@ -146,8 +146,7 @@ class LogAnalyticsSource:
         self.retries = settings.http_retries
         self.portals = Portals.for_endpoints(log_analytics=self.endpoint, graph=settings.graph_endpoint)
         if workspace_resource_ids is None:
-            # A setting the lead may add (LOG_ANALYTICS_WORKSPACE_RESOURCE_ID): the portal links need it.
-            workspace_resource_ids = getattr(settings, "log_analytics_workspace_resource_ids", ()) or ()
+            workspace_resource_ids = settings.log_analytics_workspace_resource_ids  # for the portal links
         self.workspace_resource_ids = tuple(workspace_resource_ids)
         self._own_credential = credential is None
         self.credential = credential if credential is not None else default_credential()
