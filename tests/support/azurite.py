@@ -15,6 +15,7 @@ Fixtures:
 
 from __future__ import annotations
 
+import http.client
 import os
 import shutil
 import signal
@@ -52,6 +53,25 @@ def port_answers(port: int, timeout: float = 0.2) -> bool:
         return False
 
 
+def serves_tables(port: int) -> bool:
+    """Whether the server on the port is Azurite's table service (and not some other program)."""
+    try:
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+        try:
+            connection.request("GET", f"/{ACCOUNT}/Tables")
+            response = connection.getresponse()
+            response.read()
+            return (response.getheader("Server") or "").startswith("Azurite-Table")
+        finally:
+            connection.close()
+    except (OSError, http.client.HTTPException):
+        return False
+
+
+class _PortTaken(Exception):
+    pass
+
+
 def connection_string(port: int) -> str:
     return (
         f"DefaultEndpointsProtocol=http;AccountName={ACCOUNT};AccountKey={ACCOUNT_KEY};"
@@ -68,6 +88,7 @@ class AzuriteServer:
 
     def __init__(self, location: Path | None = None, port: int | None = None) -> None:
         self.location = location
+        self._fixed_port = port is not None
         self.port = port or free_port()
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -98,7 +119,20 @@ class AzuriteServer:
             command += ["--location", str(self.location)]
         return command + ["--tableHost", "127.0.0.1", "--tablePort", str(self.port), "--disableTelemetry", "--silent"]
 
-    def start(self) -> AzuriteServer:
+    def start(self, attempts: int = 3) -> AzuriteServer:
+        """Start and wait until this very process answers. A free port can be taken by another
+        program between the probe and Azurite's bind: then Azurite exits, and a fresh port is
+        tried (unless the port was chosen by the caller, as a restart on disk does)."""
+        for attempt in range(attempts):
+            try:
+                return self._start_once()
+            except _PortTaken:
+                if attempt + 1 == attempts or self._fixed_port:
+                    raise RuntimeError(f"Azurite could not listen on 127.0.0.1:{self.port}") from None
+                self.port = free_port()
+        raise AssertionError("unreachable")
+
+    def _start_once(self) -> AzuriteServer:
         if self.location is not None:
             self.location.mkdir(parents=True, exist_ok=True)
         cwd = self.location or Path(tempfile.gettempdir())  # whatever it writes stays out of the repository
@@ -107,10 +141,13 @@ class AzuriteServer:
             start_new_session=True,
         )
         deadline = time.monotonic() + START_SECONDS
-        while not port_answers(self.port):
+        while not (port_answers(self.port) and self.process.poll() is None and serves_tables(self.port)):
             if self.process.poll() is not None:
                 error = (self.process.stderr.read() if self.process.stderr else b"").decode(errors="replace")
-                raise RuntimeError(f"Azurite exited with status {self.process.returncode}: {error.strip()[:500]}")
+                self.process = None
+                if "EADDRINUSE" in error:
+                    raise _PortTaken()
+                raise RuntimeError(f"Azurite exited: {error.strip()[:500]}")
             if time.monotonic() > deadline:
                 self.stop()
                 raise RuntimeError(f"Azurite did not answer on 127.0.0.1:{self.port} within {START_SECONDS:g} s")
@@ -137,8 +174,13 @@ class AzuriteServer:
             time.sleep(0.05)
 
     def restart(self) -> AzuriteServer:
+        """Stop, then start on the same port (and folder): clients keep their connection string."""
         self.stop()
-        return self.start()
+        fixed, self._fixed_port = self._fixed_port, True
+        try:
+            return self.start()
+        finally:
+            self._fixed_port = fixed
 
     def __enter__(self) -> AzuriteServer:
         return self.start()
