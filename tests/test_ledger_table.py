@@ -294,9 +294,11 @@ def test_the_ledger_survives_an_azurite_restart(azurite_on_disk: AzuriteServer, 
         store.close()
 
 
-def test_unreachable_storage_is_a_ledger_error_that_names_the_endpoint_not_the_key(azurite: AzuriteServer) -> None:
+def test_unreachable_storage_is_a_ledger_error_that_names_the_endpoint_not_the_key(
+    azurite: AzuriteServer, azurite_table: str
+) -> None:
     proxy = TcpProxy(azurite.port)  # never started: nothing listens on its port
-    settings = table_settings(connection_string(proxy.port), "unreachable")
+    settings = table_settings(connection_string(proxy.port), azurite_table)
     with pytest.raises(LedgerError) as caught:
         open_store(settings)
     message = str(caught.value)
@@ -311,7 +313,7 @@ def test_unreachable_storage_is_a_ledger_error_that_names_the_endpoint_not_the_k
         store.close()
 
     with pytest.raises(LedgerError, match="not a storage connection string"):
-        open_store(table_settings("AccountName=x;" + "Nonsense", "unreachable"))
+        open_store(table_settings("AccountName=x;" + "Nonsense", azurite_table))
 
 
 def run_cli(settings_file: Path, *args: str, later: Path | None = None) -> subprocess.CompletedProcess[str]:
@@ -327,13 +329,13 @@ def run_cli(settings_file: Path, *args: str, later: Path | None = None) -> subpr
 
 
 def test_a_run_without_storage_fails_loudly_sends_nothing_and_the_next_run_catches_up(
-    azurite: AzuriteServer, tmp_path: Path
+    azurite: AzuriteServer, azurite_table: str, tmp_path: Path
 ) -> None:
     data = write_data(tmp_path / "data", cert_rows(3))
     proxy = TcpProxy(azurite.port)
     with RecordingServer() as hook:
         values = {**run_values(data, hook.url + "/hook"), "STATE_STORE": "table",
-                  "STATE_CONNECTION": connection_string(proxy.port), "STATE_TABLE_NAME": "outage"}
+                  "STATE_CONNECTION": connection_string(proxy.port), "STATE_TABLE_NAME": azurite_table}
         settings_file = tmp_path / "local.settings.json"
         settings_file.write_text(json.dumps({"Values": values}), encoding="utf-8")
 
