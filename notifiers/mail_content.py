@@ -115,8 +115,7 @@ def mail_content(message: Message, *, zip_csv: bool = False) -> MailContent:
     data = csv_bytes(view)
     if zip_csv:
         data, name = zip_bytes(name, data, view.run_at_raw), name + ".zip"
-    values = {"view": view, "shown": shown, "more": more, "csv_name": name,
-              "device_links": any(d.links for d in shown)}
+    values = {"view": view, "shown": shown, "more": more, "csv_name": name}
     return MailContent(
         subject=view.subject,
         text=_environment.get_template("email.txt").render(values),

@@ -85,15 +85,15 @@ def device_item(device: DeviceView) -> dict[str, Any]:
             others += f" (+{device.more_names:,} more)"
         details.append(rich_text(text_run("Also named ", isSubtle=True), text_run(others), spacing="None"))
     columns: list[dict[str, Any]] = [{"type": "Column", "width": "stretch", "items": details}]
-    side: list[dict[str, Any]] = []
     if device.realert:
-        side.append(text_block("RE-ALERT", color="Warning", weight="Bolder", size="Small",
-                               horizontalAlignment="Right"))
+        columns.append({"type": "Column", "width": "auto", "items": [
+            text_block("RE-ALERT", color="Warning", weight="Bolder", size="Small")]})
+    items: list[dict[str, Any]] = [{"type": "ColumnSet", "columns": columns}]
     if device.links:
-        side.append({"type": "ActionSet", "actions": [open_url(link) for link in device.links[:DEVICE_ACTIONS_MAX]]})
-    if side:
-        columns.append({"type": "Column", "width": "auto", "verticalContentAlignment": "Center", "items": side})
-    return {"type": "ColumnSet", "columns": columns, "separator": True, "spacing": "Medium"}
+        # Below the details, not beside them: a side column squeezes the text on a phone.
+        items.append({"type": "ActionSet", "spacing": "Small",
+                      "actions": [open_url(link) for link in device.links[:DEVICE_ACTIONS_MAX]]})
+    return {"type": "Container", "items": items, "separator": True, "spacing": "Medium"}
 
 
 def build_card(view: MessageView, show: int, with_actions: bool = True) -> dict[str, Any]:
