@@ -4,6 +4,9 @@ Teams (1.4, < 28 KB, plain text for endpoint data); delivery to a real HTTPS ser
 from __future__ import annotations
 
 import json
+import shutil
+import struct
+import subprocess
 import time
 from datetime import timedelta
 
@@ -355,3 +358,19 @@ def test_digest_is_sent_like_a_message(https_server, teams) -> None:
         notifier.close()
     [request] = https_server.requests
     assert request.json() == digest_payload(digest(2))
+
+
+# --- the picture (make card-preview) ----------------------------------------------------------
+
+
+@pytest.mark.skipif(not any(shutil.which(b) for b in ("chromium", "chromium-browser")), reason="no Chromium installed")
+def test_card_preview_renders_a_png(tmp_path) -> None:
+    source = tmp_path / "teams.json"
+    source.write_text(json.dumps(payload(message(many(2) + [sighting(5, HOSTILE_NAMES[0], realert=True)]))))
+    done = subprocess.run(["node", str(cards.ROOT / "tools" / "card_preview.js"), str(source), str(tmp_path / "card.png")],
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    png = (tmp_path / "card.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height = struct.unpack(">II", png[16:24])
+    assert width == 712 and 300 < height < 2000  # measured to fit the rendered card
