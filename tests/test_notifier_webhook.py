@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import logging
 import socket
 from datetime import timedelta
@@ -110,7 +111,7 @@ def _free_port() -> int:
     ["http-500", "http-429-retry-after", "timeout", "connection-refused"],
 )
 def test_failures_leave_deliveries_pending_and_the_run_exits_1(
-    failure, make_settings, data_dir, https_server, hook_url, tmp_path, capsys, caplog
+    failure, make_settings, state_values, data_dir, https_server, hook_url, tmp_path, capsys, caplog
 ):
     write_rows(data_dir, [cert_row("d1", "ws-1", "2026-05-30T10:00:00Z")])
     url = hook_url
@@ -122,7 +123,7 @@ def test_failures_leave_deliveries_pending_and_the_run_exits_1(
         https_server.default = Reply(200, delay=3)  # HTTP_TIMEOUT is 2 s in these tests
     else:
         url = f"https://127.0.0.1:{_free_port()}{SIGNED_PATH}?{SIGNED_QUERY}"
-    settings_file = _settings_file(tmp_path, make_settings, url)
+    settings_file = _settings_file(tmp_path, make_settings, state_values, url)
     with caplog.at_level(logging.INFO):
         status = main(["run", "--settings", str(settings_file), "--now", "2026-05-31T11:00:00Z"])
     out, err = capsys.readouterr()
@@ -138,23 +139,20 @@ def test_failures_leave_deliveries_pending_and_the_run_exits_1(
 
     # The next run, with the receiver healthy, delivers it.
     https_server.default = Reply(200)
-    settings_file = _settings_file(tmp_path, make_settings, hook_url)
+    settings_file = _settings_file(tmp_path, make_settings, state_values, hook_url)
     later = main(["run", "--settings", str(settings_file), "--now", "2026-05-31T15:00:00Z"])
     assert later == 0
     assert https_server.requests[-1].json()["sightings"][0]["deviceId"] == "d1"
 
 
-def _settings_file(tmp_path, make_settings, url: str):
+def _settings_file(tmp_path, make_settings, state_values, url: str):
     settings = make_settings(WEBHOOK_URL=url, WEBHOOK_SECRET=SECRET)
     path = tmp_path / "local.settings.json"
-    import json
-
     path.write_text(json.dumps({"Values": {
         "QUERY_SOURCE": "local",
         "LOCAL_DATA_PATH": str(settings.local_data_path),
         "DETECTIONS_PATH": str(settings.detections_path),
-        "STATE_STORE": settings.state_store,
-        "STATE_PATH": str(settings.state_path),
+        **state_values,
         "WEBHOOK_URL": url,
         "WEBHOOK_SECRET": SECRET,
         "HTTP_TIMEOUT": "2",
