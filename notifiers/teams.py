@@ -46,6 +46,8 @@ BODY_BUDGET = 26 * 1024
 MESSAGE_ACTIONS_MAX = 4
 DEVICE_ACTIONS_MAX = 2
 REQUESTS_PER_SECOND = 4.0
+SPACING_MARGIN_SECONDS = 0.02
+"""Added to the 250 ms between requests, so network jitter does not make two arrive closer."""
 
 
 # --- the card -------------------------------------------------------------------------------
@@ -201,9 +203,9 @@ def digest_payload(digest: Digest, budget: int = BODY_BUDGET) -> dict[str, Any]:
 class Throttle:
     """Spaces calls at least 1/rate seconds apart (thread-safe)."""
 
-    def __init__(self, per_second: float, clock: Callable[[], float] = time.monotonic,
+    def __init__(self, per_second: float, margin: float = 0.0, clock: Callable[[], float] = time.monotonic,
                  sleep: Callable[[float], None] = time.sleep) -> None:
-        self.interval = 1.0 / per_second
+        self.interval = 1.0 / per_second + margin
         self._clock, self._sleep = clock, sleep
         self._next = 0.0
         self._lock = threading.Lock()
@@ -250,7 +252,7 @@ class TeamsNotifier:
     def __init__(self, settings: Settings) -> None:
         self.url = settings.teams_webhook_url
         self.policy = HttpPolicy(timeout=settings.http_timeout, retries=settings.http_retries)
-        self.throttle = Throttle(REQUESTS_PER_SECOND)
+        self.throttle = Throttle(REQUESTS_PER_SECOND, SPACING_MARGIN_SECONDS)
         self._http = session(self.policy)
         for adapter in self._http.adapters.values():
             adapter.max_retries = _ThrottledRetry.adopt(adapter.max_retries, self.throttle)  # type: ignore[attr-defined]
@@ -284,7 +286,7 @@ class TeamsNotifier:
             raise DeliveryError(str(error)) from None
 
     def send_seconds_max(self) -> float:
-        return self.policy.worst_case_seconds + (self.policy.retries + 1) / REQUESTS_PER_SECOND
+        return self.policy.worst_case_seconds + (self.policy.retries + 1) * self.throttle.interval
 
     def close(self) -> None:
         self._http.close()

@@ -40,6 +40,14 @@ TEMPLATE_TAGS = {"html", "head", "meta", "title", "body", "div", "a", "p", "tabl
 
 
 @pytest.fixture
+def state_values(request: pytest.FixtureRequest, tmp_path) -> dict[str, str]:
+    """These tests send, they do not touch the ledger: SQLite only, unless a test asks for a store."""
+    if getattr(request, "param", "sqlite") == "sqlite":
+        return {"STATE_STORE": "sqlite", "STATE_PATH": str(tmp_path / "state.db")}
+    return dict(request.getfixturevalue("table_state_values"))
+
+
+@pytest.fixture
 def mail_settings(make_settings):
     def build(server: SmtpServer | None, **overrides: str):
         values = {"EMAIL_TO": RECIPIENTS, "EMAIL_FROM": "RMM Alerter <alerter@contoso.com>",
@@ -291,6 +299,7 @@ def test_the_daily_digest_is_a_text_and_html_mail(mail_settings) -> None:
 # --- the cycle: one ledger entry per channel --------------------------------------------------
 
 
+@pytest.mark.parametrize("state_values", ["sqlite", "table"], indirect=True)
 def test_teams_down_while_mail_works_then_teams_catches_up(make_settings, https_server, data_dir, caplog) -> None:
     write_rows(data_dir, [
         cert_row("dev-a", "fin-ws-0142.contoso.local", "2026-05-30T09:12:44Z"),

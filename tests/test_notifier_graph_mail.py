@@ -15,7 +15,7 @@ from notifiers.email import CHUNK_SIZE_GRAPH, EmailNotifier
 from notifiers.mail_content import digest_content, mail_content
 from notifiers.mail_graph import REQUEST_MAX_BYTES, request_body
 from tests.support.http_server import Recorded, RecordingServer, Reply
-from tests.support.identity import ManagedIdentityEndpoint, managed_identity  # noqa: F401 - the fixture
+from tests.support.identity import ManagedIdentityEndpoint
 from tests.support.messages import DETECTION, RUN, digest, many, message, sighting
 
 SENDER = "soc-alerts@contoso.com"
@@ -23,7 +23,15 @@ SEND_PATH = f"/v1.0/users/{SENDER}/sendMail"
 
 
 @pytest.fixture
-def graph(https_server: RecordingServer, managed_identity: ManagedIdentityEndpoint) -> RecordingServer:  # noqa: F811
+def state_values(request: pytest.FixtureRequest, tmp_path) -> dict[str, str]:
+    """These tests send, they do not touch the ledger: SQLite only, unless a test asks for a store."""
+    if getattr(request, "param", "sqlite") == "sqlite":
+        return {"STATE_STORE": "sqlite", "STATE_PATH": str(tmp_path / "state.db")}
+    return dict(request.getfixturevalue("table_state_values"))
+
+
+@pytest.fixture
+def graph(https_server: RecordingServer, managed_identity: ManagedIdentityEndpoint) -> RecordingServer:
     """Graph's sendMail: 202 for a request with the token issued for this endpoint, else 401."""
 
     def answer(recorded: Recorded) -> Reply:
@@ -46,7 +54,7 @@ def notifier(graph, make_settings):
     built.close()
 
 
-def test_sendmail_with_a_managed_identity_token(graph, notifier, managed_identity) -> None:  # noqa: F811
+def test_sendmail_with_a_managed_identity_token(graph, notifier, managed_identity) -> None:
     m = message(many(3) + [sighting(7, realert=True)])
     notifier.send(m)
     [request] = graph.requests
@@ -71,7 +79,7 @@ def test_sendmail_with_a_managed_identity_token(graph, notifier, managed_identit
     assert {"name": "X-Alerter-Detection", "value": DETECTION.id} in mail["internetMessageHeaders"]
 
 
-def test_one_token_for_several_mails(graph, notifier, managed_identity) -> None:  # noqa: F811
+def test_one_token_for_several_mails(graph, notifier, managed_identity) -> None:
     notifier.send(message(many(1)))
     notifier.send_digest(digest(2))
     assert len(graph.requests) == 2 and len(managed_identity.issued) == 1
@@ -80,7 +88,7 @@ def test_one_token_for_several_mails(graph, notifier, managed_identity) -> None:
     assert digest_mail["body"]["content"] == digest_content(digest(2)).html
 
 
-def test_403_names_the_missing_permission_not_the_token(graph, notifier, managed_identity, caplog) -> None:  # noqa: F811
+def test_403_names_the_missing_permission_not_the_token(graph, notifier, managed_identity, caplog) -> None:
     caplog.set_level(logging.DEBUG)
     graph.then(Reply(403, {"error": {"code": "ErrorAccessDenied", "message": "Access is denied."}}))
     with pytest.raises(DeliveryError) as caught:
@@ -97,7 +105,7 @@ def test_429_retry_after_then_202(graph, notifier) -> None:
     assert len(graph.requests) == 2
 
 
-def test_no_managed_identity_is_a_clear_error(graph, notifier, managed_identity) -> None:  # noqa: F811
+def test_no_managed_identity_is_a_clear_error(graph, notifier, managed_identity) -> None:
     managed_identity.refuse = 400
     with pytest.raises(DeliveryError, match="Graph mail: no token for https://127.0.0.1:") as caught:
         notifier.send(message(many(1)))
