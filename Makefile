@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TOOLS ?= .venv-tools
 NOW := 2026-05-31T11:00:00Z
 
-.PHONY: demo demo-reset test bench validate install clean
+.PHONY: demo demo-reset test bench validate install clean card-preview
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -46,6 +46,14 @@ test: install
 
 bench: $(VENV)/.installed
 	$(PY) bench/run.py
+
+## Render the demo's Teams card and mail to docs/ with the Adaptive Cards JS library in headless
+## Chromium. Needs Debian's chromium (apt-get install chromium) or CHROMIUM=/path/to/chrome.
+card-preview: $(VENV)/.installed node_modules/.installed
+	rm -rf .demo/card-preview
+	STATE_PATH=.demo/card-preview/state.db $(PY) -m alerter run --settings samples/demo.settings.json --now $(NOW) --dry-run --preview .demo/card-preview
+	node tools/card_preview.js "$$(ls .demo/card-preview/teams-*.json | head -n 1)" docs/teams-card.png
+	node tools/card_preview.js "$$(ls .demo/card-preview/email-*.html | head -n 1)" docs/email.png --width 900
 
 clean:
 	rm -rf .demo .alerter .pytest_cache
