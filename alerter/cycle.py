@@ -8,16 +8,17 @@ the ledger before anything is sent, and a delivery is marked sent only after a 2
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from itertools import groupby
 
 from alerter.detections import load_detections
 from alerter.digest import digest_due
-from alerter.ledger import LEASE_SECONDS, LedgerError, Store, open_store
+from alerter.ledger import LEASE_RENEW_EVERY, LEASE_SECONDS, LedgerError, Store, open_store
 from alerter.model import (
     Delivery,
     DeliveryStatus,
@@ -145,9 +146,9 @@ class Cycle:
         return report
 
     def _open_store(self) -> Store | None:
-        if self.dry_run and self.settings.state_store == "sqlite" and not self.settings.state_path.exists():
-            return None  # a dry run writes nothing, not even an empty ledger file
-        return open_store(self.settings)
+        if not self.record and self.settings.state_store == "sqlite" and not self.settings.state_path.exists():
+            return None  # nothing known yet, and a run that records nothing creates no ledger file
+        return open_store(self.settings, read_only=not self.record)
 
     # --- query stage -------------------------------------------------------------------------
 
@@ -214,7 +215,10 @@ class Cycle:
             dr.new = len(created)
             self.created_this_run.update((detection.id, key) for key in created)
             if realerts and channels:
-                dr.realerts = store.requeue(detection.id, realerts, channels, self.now)
+                assert self.settings.realert_after is not None  # realerts come only from it
+                dr.realerts = store.requeue(
+                    detection.id, realerts, channels, self.now, sent_before=self.now - self.settings.realert_after
+                )
                 self.created_this_run.update((detection.id, s.device_key) for s in realerts)
         if self.preview:
             self._would_send_new(detection, new + realerts)
@@ -322,7 +326,6 @@ class Cycle:
         if not due:
             return
         notifier: Notifier = create_notifier(channel, self.settings)
-        lease = max(LEASE_SECONDS, notifier.send_seconds_max())
         budget = self.settings.run_budget.total_seconds()
         held_back = ""  # once set, the channel's remaining messages wait for the next run untouched
         try:
@@ -336,16 +339,20 @@ class Cycle:
                     if f"{held_back}; left pending for the next run" not in outcome.errors:
                         outcome.errors.append(f"{held_back}; left pending for the next run")
                     continue
-                claimed = store.claim(planned.deliveries, self.report.run.id, lease)
+                owner = self.report.run.id
+                claimed = store.claim(planned.deliveries, owner, LEASE_SECONDS, self.now)
                 if not claimed:
                     continue  # a concurrent run holds them and is sending
                 message = replace(planned.message, sightings=[d.sighting for d in claimed])
                 try:
-                    notifier.send(message)
+                    with LeaseKeeper(store, claimed, owner):
+                        notifier.send(message)
                 except DeliveryError as error:
                     text = self.settings.redactor()(str(error))
+                    not_before = self.now + timedelta(seconds=error.retry_after) if error.retry_after else None
                     gave_up = store.mark_failed(
-                        claimed, text, self.now, self.settings.retry_backoff_max, self.settings.give_up_after
+                        claimed, text, self.now, self.settings.retry_backoff_max, self.settings.give_up_after,
+                        owner=owner, not_before=not_before,
                     )
                     outcome.failed += len(claimed) - gave_up
                     outcome.gave_up += gave_up
@@ -364,6 +371,32 @@ class Cycle:
                          message.detection.name, message.chunk_index, message.chunk_count)
         finally:
             notifier.close()
+
+
+class LeaseKeeper:
+    """Renews a run's claims while a send is under way, so a slow channel never lets another
+    run take over deliveries this one is still sending; a crashed run's claims lapse within
+    LEASE_SECONDS."""
+
+    def __init__(self, store: Store, deliveries: Sequence[Delivery], owner: str) -> None:
+        self.store, self.deliveries, self.owner = store, deliveries, owner
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._renew, name="lease-keeper", daemon=True)
+
+    def _renew(self) -> None:
+        while not self._stop.wait(LEASE_RENEW_EVERY):
+            try:
+                self.store.renew(self.deliveries, self.owner, LEASE_SECONDS)
+            except LedgerError as error:
+                log.warning("could not renew claims (they lapse in %.0f s): %s", LEASE_SECONDS, error)
+
+    def __enter__(self) -> LeaseKeeper:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 def run_cycle(

@@ -39,12 +39,6 @@ class HttpPolicy:
     retries: int = 3
     backoff_factor: float = 0.5
 
-    @property
-    def worst_case_seconds(self) -> float:
-        """An upper bound on one call with all its retries, used to size claim leases."""
-        waits = sum(min(RETRY_AFTER_MAX_SECONDS, self.backoff_factor * 2**i) for i in range(self.retries))
-        return (self.retries + 1) * self.timeout * 2 + waits + self.retries * RETRY_AFTER_MAX_SECONDS
-
 
 class BoundedRetry(Retry):
     """urllib3's Retry, except that a Retry-After beyond RETRY_AFTER_MAX_SECONDS ends the in-run

@@ -11,10 +11,14 @@ MASK = "***"
 
 def _fragments(secret: str) -> set[str]:
     """The secret itself; for a URL, its path and query, which is where signatures live; for a
-    connection string (`AccountName=…;AccountKey=…`), each value, since a key may be shown alone."""
+    connection string (`AccountName=…;AccountKey=…`), its key and SAS token, which may be shown alone."""
     found = {secret}
     if ";" in secret and "=" in secret:
-        found.update(part.split("=", 1)[1] for part in secret.split(";") if "=" in part)
+        # The key and SAS token, not the account name or endpoint: those say where to look.
+        found.update(
+            value for name, _, value in (part.partition("=") for part in secret.split(";"))
+            if name.strip().lower() in ("accountkey", "sharedaccesssignature") and value
+        )
     try:
         parts = urlsplit(secret)
     except ValueError:

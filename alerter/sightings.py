@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from collections.abc import Iterable, Mapping
 from datetime import datetime, timedelta, timezone
@@ -21,6 +22,7 @@ COUNT_COLUMNS = ("Count", "count_")
 
 
 _ZERO = timedelta(0)
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class ResultShapeError(ValueError):
@@ -130,11 +132,20 @@ def _cell(row: Row, column: str | None) -> Any:
     return row.get(column) if column is not None else None
 
 
+def _text(value: Any) -> str:
+    """A cell as text. Lone surrogates (invalid UTF-16 from an endpoint) become U+FFFD: they
+    cannot be stored or sent as UTF-8."""
+    text = str(value or "").strip()
+    if not _SURROGATE.search(text):
+        return text
+    return _SURROGATE.sub("\ufffd", text)
+
+
 def _merge_row(
     row: Row, columns: _Columns, source: str, by_key: dict[str, Sighting], name_seen_at: dict[str, datetime | None]
 ) -> None:
-    device_id = str(_cell(row, columns.device_id) or "").strip()
-    device_name = str(_cell(row, columns.device_name) or "").strip()
+    device_id = _text(_cell(row, columns.device_id))
+    device_name = _text(_cell(row, columns.device_name))
     if not device_id and not device_name:
         return
     try:

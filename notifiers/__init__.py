@@ -49,10 +49,6 @@ class Notifier(Protocol):
         """The daily "alive" message; raise DeliveryError like send(). Not retried across runs."""
         ...
 
-    def send_seconds_max(self) -> float:
-        """The longest one send may take with its retries: claims are leased for this long."""
-        ...
-
     def close(self) -> None: ...
 
 

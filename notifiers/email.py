@@ -86,12 +86,6 @@ class EmailNotifier:
             assert self.smtp is not None
             self.smtp.send(mime_message(content, self.sender, self.recipients))
 
-    def send_seconds_max(self) -> float:
-        if self.graph is not None:
-            return self.graph.seconds_max()
-        assert self.smtp is not None
-        return self.smtp.seconds_max()
-
     def close(self) -> None:
         if self.graph is not None:
             self.graph.close()

@@ -67,9 +67,6 @@ class GraphMailTransport:
     def url(self) -> str:
         return f"{self.endpoint}/v1.0/users/{quote(self.sender, safe='@')}/sendMail"
 
-    def seconds_max(self) -> float:
-        return 2 * self.policy.worst_case_seconds  # the token, then the request
-
     def _token(self) -> str:
         try:
             if self._credential is None:

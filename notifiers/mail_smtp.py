@@ -50,10 +50,6 @@ class SmtpTransport:
     def where(self) -> str:
         return f"SMTP {self.host}:{self.port}"
 
-    def seconds_max(self) -> float:
-        # connect, greeting, EHLO, STARTTLS, EHLO, AUTH, MAIL, RCPT..., DATA, QUIT: each bounded.
-        return self.timeout * 12
-
     def _connect(self) -> smtplib.SMTP:
         if self.security == "ssl":
             return smtplib.SMTP_SSL(self.host, self.port, timeout=self.timeout, context=tls_context())

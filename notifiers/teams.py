@@ -285,8 +285,5 @@ class TeamsNotifier:
         except HttpCallError as error:
             raise DeliveryError(str(error)) from None
 
-    def send_seconds_max(self) -> float:
-        return self.policy.worst_case_seconds + (self.policy.retries + 1) * self.throttle.interval
-
     def close(self) -> None:
         self._http.close()

@@ -126,8 +126,5 @@ class WebhookNotifier:
         except HttpCallError as error:
             raise DeliveryError(str(error), retry_after=retry_after_seconds(error.retry_after)) from None
 
-    def send_seconds_max(self) -> float:
-        return self.policy.worst_case_seconds
-
     def close(self) -> None:
         self._http.close()

@@ -8,6 +8,7 @@ the session's Azurite through the real azure-data-tables client. Races use two s
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from datetime import datetime, timedelta, timezone
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from alerter.ledger import REPORT_IDS_KEPT, Store, open_store, sighting_from_json, sighting_to_json
+from alerter.ledger import REPORT_IDS_KEPT, LedgerError, Store, open_store, sighting_from_json, sighting_to_json
 from alerter.model import Delivery, DeliveryStatus, Link, Sighting
 from alerter.settings import Settings
 
@@ -26,7 +27,7 @@ CHANNELS = ("webhook", "teams")
 BACKOFF_MAX = timedelta(hours=1)
 GIVE_UP = timedelta(days=7)
 
-OpenStore = Callable[[], Store]
+OpenStore = Callable[..., Store]
 
 
 @pytest.fixture(params=["sqlite", "table"])
@@ -42,8 +43,8 @@ def open_ledger(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Open
         )
     opened: list[Store] = []
 
-    def open_one() -> Store:
-        store = open_store(settings)
+    def open_one(read_only: bool = False) -> Store:
+        store = open_store(settings, read_only=read_only)
         opened.append(store)
         return store
 
@@ -340,7 +341,9 @@ def test_forget_makes_a_device_new_again(store: Store) -> None:
 def test_retry_failed_makes_failed_and_backed_off_deliveries_due_now(store: Store) -> None:
     store.add_new(DET, [sighting("failed"), sighting("backoff"), sighting("sent")], ["webhook"], NOW)
     due = {d.device_key: d for d in store.claim(store.due("webhook", NOW), "run", 60)}
-    store.mark_failed([due["failed"]], "HTTP 500", NOW + GIVE_UP, BACKOFF_MAX, GIVE_UP)
+    store.mark_failed([due["failed"]], "HTTP 500", NOW, BACKOFF_MAX, GIVE_UP)
+    [failing] = [d for d in store.due("webhook", NOW + GIVE_UP) if d.device_key == "failed"]
+    store.mark_failed([failing], "HTTP 500", NOW + GIVE_UP, BACKOFF_MAX, GIVE_UP)  # second attempt: gives up
     store.mark_failed([due["backoff"]], "HTTP 500", NOW + GIVE_UP - timedelta(seconds=30), BACKOFF_MAX, GIVE_UP)
     store.mark_sent([due["sent"]], NOW)
     now = NOW + GIVE_UP + timedelta(seconds=10)  # the backed-off one is next due 20 s later
@@ -353,16 +356,20 @@ def test_retry_failed_makes_failed_and_backed_off_deliveries_due_now(store: Stor
     assert sorted(after) == ["backoff", "failed"]
     assert after["failed"].created_at == now, "a failed delivery gets a fresh give-up window"
     assert after["backoff"].created_at == NOW
-    assert all(d.next_attempt_at == now and d.status is DeliveryStatus.PENDING for d in after.values())
+    # Due from their creation time on, so a replay with an earlier --now takes them as well.
+    assert all(d.next_attempt_at == NOW and d.status is DeliveryStatus.PENDING for d in after.values())
     assert store.counts() == {"webhook": {"pending": 2, "sent": 1}}
 
 
-def test_retry_failed_releases_a_dead_runs_claims(open_ledger: OpenStore) -> None:
-    dead, operator = open_ledger(), open_ledger()
-    dead.add_new(DET, [sighting("a")], ["webhook"], NOW)
-    dead.claim(dead.due("webhook", NOW), "dead-run", 3600)
-    assert operator.due("webhook", NOW) == []
-    assert operator.retry_failed(NOW, "webhook") == 1
+def test_retry_failed_never_takes_a_delivery_a_live_run_holds(open_ledger: OpenStore) -> None:
+    """The operator cannot tell a live run from a dead one; the lease can. A retry leaves a held
+    claim alone (the holder may be sending it now); once the lease lapses, the next run takes it."""
+    live, operator = open_ledger(), open_ledger()
+    live.add_new(DET, [sighting("a")], ["webhook"], NOW)
+    held = live.claim(live.due("webhook", NOW), "live-run", 0.5)
+    assert operator.retry_failed(NOW, "webhook") == 0
+    assert operator.claim(held, "next", 60) == []
+    time.sleep(0.6)
     assert [d.device_key for d in operator.claim(operator.due("webhook", NOW), "next", 60)] == ["a"]
 
 
@@ -422,3 +429,83 @@ def test_hostile_detection_ids_are_their_own_partitions(store: Store) -> None:
     for detection in detections:
         assert list(store.known(detection)) == ["a"]
         assert [r.detection_id for r in store.records(detection)] == [detection]
+
+
+# --- ownership, leases, backoff and re-alert races ------------------------------------------------
+
+def test_a_run_whose_lease_lapsed_cannot_undo_another_runs_success(open_ledger: OpenStore) -> None:
+    slow, fast = open_ledger(), open_ledger()
+    slow.add_new(DET, [sighting("a")], ["webhook"], NOW)
+    [stale] = slow.claim(slow.due("webhook", NOW), "slow-run", 0.3)
+    time.sleep(0.4)  # the slow run's lease lapses; the fast run takes over and delivers
+    fast.mark_sent(fast.claim(fast.due("webhook", NOW), "fast-run", 60), NOW)
+    assert slow.mark_failed([stale], "HTTP 500", NOW, BACKOFF_MAX, GIVE_UP, owner="slow-run") == 0
+    [record] = fast.records(DET)
+    assert record.deliveries[0].status is DeliveryStatus.SENT
+
+
+def test_a_failure_is_recorded_only_by_the_run_that_holds_the_claim(open_ledger: OpenStore) -> None:
+    first, second = open_ledger(), open_ledger()
+    first.add_new(DET, [sighting("a")], ["webhook"], NOW)
+    [lapsed] = first.claim(first.due("webhook", NOW), "first", 0.3)
+    time.sleep(0.4)
+    [held] = second.claim(second.due("webhook", NOW), "second", 60)
+    first.mark_failed([lapsed], "HTTP 500", NOW, BACKOFF_MAX, GIVE_UP, owner="first")
+    [record] = second.records(DET)
+    assert record.deliveries[0].attempts == 0 and record.deliveries[0].last_error == ""
+    second.mark_failed([held], "HTTP 503", NOW, BACKOFF_MAX, GIVE_UP, owner="second")
+    [record] = second.records(DET)
+    assert (record.deliveries[0].attempts, record.deliveries[0].last_error) == (1, "HTTP 503")
+
+
+def test_renewing_keeps_a_claim_past_its_first_lease(open_ledger: OpenStore) -> None:
+    holder, other = open_ledger(), open_ledger()
+    holder.add_new(DET, [sighting("a")], ["webhook"], NOW)
+    claimed = holder.claim(holder.due("webhook", NOW), "holder", 0.5)
+    time.sleep(0.3)
+    holder.renew(claimed, "holder", 2)
+    time.sleep(0.4)  # past the first lease, inside the renewed one
+    assert other.claim(claimed, "other", 60) == []
+    other.renew(claimed, "other", 60)  # renewing what one does not hold changes nothing
+    assert other.claim(claimed, "other", 60) == []
+
+
+def test_a_claim_with_the_run_clock_respects_the_backoff(store: Store) -> None:
+    store.add_new(DET, [sighting("a")], ["webhook"], NOW)
+    stale_view = store.due("webhook", NOW)  # what an overlapping run listed before the failure
+    store.mark_failed(store.claim(stale_view, "run-1", 60, NOW), "HTTP 500", NOW, BACKOFF_MAX, GIVE_UP)
+    assert store.claim(stale_view, "run-2", 60, NOW) == []
+    assert keys_of(store.claim(stale_view, "run-2", 60, NOW + timedelta(minutes=1))) == [(DET, "a", "webhook")]
+
+
+def test_retry_after_sets_the_earliest_next_attempt(store: Store) -> None:
+    store.add_new(DET, [sighting("a")], ["webhook"], NOW)
+    claimed = store.claim(store.due("webhook", NOW), "run", 60, NOW)
+    store.mark_failed(claimed, "HTTP 429", NOW, BACKOFF_MAX, GIVE_UP, owner="run",
+                      not_before=NOW + timedelta(hours=2))
+    assert store.due("webhook", NOW + timedelta(hours=1)) == []
+    assert len(store.due("webhook", NOW + timedelta(hours=2))) == 1
+
+
+def test_overlapping_realerts_requeue_a_device_once(open_ledger: OpenStore) -> None:
+    a, b = open_ledger(), open_ledger()
+    a.add_new(DET, [sighting("a")], ["webhook"], NOW)
+    a.mark_sent(a.claim(a.due("webhook", NOW), "run", 60), NOW)
+    later = NOW + timedelta(days=30)
+    window_start = later - timedelta(days=30)
+    # Both runs saw the device as due for a re-alert; only the first requeue takes.
+    assert a.requeue(DET, [sighting("a", realert=True)], ["webhook"], later, sent_before=window_start) == 1
+    assert b.requeue(DET, [sighting("a", realert=True)], ["webhook"], later, sent_before=window_start) == 0
+    a.mark_sent(a.claim(a.due("webhook", later), "run", 60), later)
+    assert b.requeue(DET, [sighting("a", realert=True)], ["webhook"], later, sent_before=window_start) == 0
+
+
+def test_a_read_only_store_reads_and_writes_nothing(open_ledger: OpenStore) -> None:
+    writer = open_ledger()
+    writer.add_new(DET, [sighting("a")], ["webhook"], NOW)
+    reader = open_ledger(read_only=True)
+    assert sorted(reader.known(DET)) == ["a"]
+    assert len(reader.due("webhook", NOW)) == 1
+    with pytest.raises(LedgerError):
+        reader.add_new(DET, [sighting("b")], ["webhook"], NOW)
+    assert sorted(writer.known(DET)) == ["a"]

@@ -329,13 +329,6 @@ def test_missing_url_is_a_clear_error(make_settings) -> None:
     notifier.close()
 
 
-def test_lease_covers_the_worst_case(teams) -> None:
-    notifier = teams()
-    assert notifier.send_seconds_max() >= notifier.policy.worst_case_seconds
-    assert timedelta(seconds=notifier.send_seconds_max()) < timedelta(minutes=10)
-    notifier.close()
-
-
 # --- the daily digest -------------------------------------------------------------------------
 
 

@@ -73,8 +73,10 @@ def ledger(store: Store) -> Store:
     due = {d.device_key: d for d in store.claim(store.due("webhook", NOW), "run-1", 60)}
     store.mark_sent([due["sent-01"]], NOW + timedelta(seconds=5))
     store.mark_failed([due["pending-02"]], "webhook at http://127.0.0.1:9/…: HTTP 503", NOW, BACKOFF, GIVE_UP)
-    store.mark_failed([due["failed-03"]], "webhook at http://127.0.0.1:9/…: HTTP 410", NOW + GIVE_UP, BACKOFF,
-                      GIVE_UP)
+    # Giving up takes the give-up window and at least two attempts.
+    store.mark_failed([due["failed-03"]], "webhook at http://127.0.0.1:9/…: HTTP 503", NOW, BACKOFF, GIVE_UP)
+    [again] = [d for d in store.due("webhook", NOW + GIVE_UP) if d.device_key == "failed-03"]
+    store.mark_failed([again], "webhook at http://127.0.0.1:9/…: HTTP 410", NOW + GIVE_UP, BACKOFF, GIVE_UP)
     store.mark_sent([due["evil name"]], NOW)
     return store
 
@@ -106,7 +108,7 @@ def test_list_shows_every_device_per_detection_with_its_deliveries(
     assert sent[1:] == ["    webhook: sent 2026-05-31T11:00:05Z"]
     assert len(pending) == 2 and pending[1].startswith("    webhook: pending, 1 attempts, next 2026-05-31T11:01:00Z")
     assert "HTTP 503" in pending[1]
-    assert len(failed) == 2 and failed[1].startswith("    webhook: FAILED after 1 attempts") and "HTTP 410" in failed[1]
+    assert len(failed) == 2 and failed[1].startswith("    webhook: FAILED after 2 attempts") and "HTTP 410" in failed[1]
     assert "first reported 2026-05-31T11:01:00Z" in block("ws-orphan.corp")[0]
     # The attacker's name is shown escaped: no bidi override, no injected line, no terminal escape.
     assert "first reported 2026-05-31T11:00:00Z" in block(EVIL_NAME)[0]

@@ -22,6 +22,10 @@ from alerter.settings import Settings
 from alerter.sightings import as_utc
 
 LEASE_SECONDS = 60.0
+"""A claim lasts this long unless renewed; a run renews its claims while a send is under way."""
+LEASE_RENEW_EVERY = LEASE_SECONDS / 3
+MIN_ATTEMPTS_BEFORE_GIVING_UP = 2
+"""A delivery that waited (app stopped, channel away) is not given up on its first failure."""
 REPORT_IDS_KEPT = 200
 """The ledger keeps a device's first report ids, not thousands: the count says how many there were."""
 
@@ -62,9 +66,18 @@ class Store(Protocol):
         ...
 
     def requeue(
-        self, detection_id: str, sightings: Sequence[Sighting], channels: Sequence[str], now: datetime
+        self,
+        detection_id: str,
+        sightings: Sequence[Sighting],
+        channels: Sequence[str],
+        now: datetime,
+        *,
+        sent_before: datetime | None = None,
     ) -> int:
-        """Make a pending delivery per channel again (re-alert), refreshing the stored sighting."""
+        """Make a pending delivery per channel again (re-alert), refreshing the stored sighting.
+        With `sent_before`, decided again under the store's own atomicity: only a device with no
+        pending delivery whose last notification is not later than it, so two overlapping runs
+        re-alert a device once. Returns how many devices were requeued."""
         ...
 
     def due(self, channel: str, now: datetime) -> list[Delivery]:
@@ -72,17 +85,36 @@ class Store(Protocol):
         expired claim, across detections."""
         ...
 
-    def claim(self, deliveries: Sequence[Delivery], owner: str, lease_seconds: float) -> list[Delivery]:
-        """Compare-and-set a lease on each; returns the ones this owner now holds."""
+    def claim(
+        self, deliveries: Sequence[Delivery], owner: str, lease_seconds: float, now: datetime | None = None
+    ) -> list[Delivery]:
+        """Compare-and-set a lease on each pending, unleased delivery (and, given the run clock
+        `now`, one whose next attempt time has come); returns the ones this owner now holds."""
         ...
 
-    def mark_sent(self, deliveries: Sequence[Delivery], now: datetime) -> None: ...
+    def renew(self, deliveries: Sequence[Delivery], owner: str, lease_seconds: float) -> None:
+        """Extend this owner's leases (a send is still under way); leases it lost stay lost."""
+        ...
+
+    def mark_sent(self, deliveries: Sequence[Delivery], now: datetime) -> None:
+        """The channel answered 2xx: sent, whoever holds the lease now (a sent message is sent)."""
+        ...
 
     def mark_failed(
-        self, deliveries: Sequence[Delivery], error: str, now: datetime, backoff_max: timedelta, give_up_after: timedelta
+        self,
+        deliveries: Sequence[Delivery],
+        error: str,
+        now: datetime,
+        backoff_max: timedelta,
+        give_up_after: timedelta,
+        *,
+        owner: str | None = None,
+        not_before: datetime | None = None,
     ) -> int:
-        """Record a failed attempt: pending with a backoff, or `failed` once it has been owed for
-        longer than give_up_after. Returns how many gave up."""
+        """Record a failed attempt: pending with a backoff (never before `not_before`, the
+        channel's Retry-After), or `failed` once owed longer than give_up_after. With `owner`,
+        only deliveries that owner still holds: a run whose lease lapsed must not undo another
+        run's success. Returns how many gave up."""
         ...
 
     def counts(self) -> dict[str, dict[str, int]]:
@@ -96,20 +128,27 @@ class Store(Protocol):
         ...
 
     def retry_failed(self, now: datetime, channel: str | None = None) -> int:
-        """Make failed (and backed-off pending) deliveries due now."""
+        """Make failed and backed-off pending deliveries due: their next attempt time becomes
+        their creation time, so any later run (a replay with --now too) takes them. A failed one
+        gets a fresh give-up window from `now`. A delivery a live run holds is left alone."""
         ...
 
     def close(self) -> None: ...
 
 
-def next_attempt(attempts: int, now: datetime, backoff_max: timedelta) -> datetime:
+def next_attempt(attempts: int, now: datetime, backoff_max: timedelta, not_before: datetime | None = None) -> datetime:
     """Exponential backoff from one minute, capped: with a four-hour schedule every run retries,
-    with a five-minute one a dead webhook is not hammered."""
-    return now + min(timedelta(minutes=2 ** min(attempts - 1, 20)), backoff_max)
+    with a five-minute one a dead webhook is not hammered. Never before the channel's Retry-After."""
+    at = now + min(timedelta(minutes=2 ** min(attempts - 1, 20)), backoff_max)
+    return max(at, not_before) if not_before is not None else at
 
 
 def gives_up(delivery: Delivery, now: datetime, give_up_after: timedelta) -> bool:
-    return delivery.created_at is not None and now - delivery.created_at >= give_up_after
+    """Whether the failed attempt being recorded now is the last: owed for long enough, and
+    tried at least MIN_ATTEMPTS_BEFORE_GIVING_UP times (this attempt included)."""
+    if delivery.attempts + 1 < MIN_ATTEMPTS_BEFORE_GIVING_UP or delivery.created_at is None:
+        return False
+    return now - delivery.created_at >= give_up_after
 
 
 # Sightings are stored as JSON so a delivery can go out after the device left the query window.
@@ -139,7 +178,8 @@ STORES: dict[str, str] = {
 }
 
 
-def open_store(settings: Settings) -> Store:
+def open_store(settings: Settings, *, read_only: bool = False) -> Store:
+    """`read_only` (dry runs) creates nothing: no SQLite file or schema, no table."""
     module_name, _, class_name = STORES[settings.state_store].partition(":")
     store_class = getattr(importlib.import_module(module_name), class_name)
-    return store_class(settings)
+    return store_class(settings, read_only=read_only)

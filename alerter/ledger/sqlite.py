@@ -8,6 +8,7 @@ sharing the file neither create a device twice nor send a delivery twice.
 from __future__ import annotations
 
 import sqlite3
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -76,18 +77,26 @@ def _delivery(row: sqlite3.Row) -> Delivery:
 
 
 class SqliteStore:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, read_only: bool = False) -> None:
         self.path = Path(settings.state_path)
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            if read_only:
+                target, uri = f"{self.path.resolve().as_uri()}?mode=ro", True
+            else:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                target, uri = str(self.path), False
             # Autocommit mode: every write below opens its own explicit transaction.
-            self._db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
+            self._db = sqlite3.connect(target, timeout=30, isolation_level=None, check_same_thread=False, uri=uri)
             self._db.row_factory = sqlite3.Row
             self._db.execute("PRAGMA busy_timeout = 30000")
             self._db.execute("PRAGMA foreign_keys = ON")
             self._db.execute("PRAGMA synchronous = NORMAL")
         except (OSError, sqlite3.Error) as error:
             raise LedgerError(f"STATE_PATH {self.path}: cannot open the ledger ({error})") from None
+        # One connection serves the run and its lease-renewing thread.
+        self._lock = threading.RLock()
+        if read_only:
+            return
         with self._write() as db:  # waits for a concurrent run that is creating the schema
             for statement in SCHEMA.split(";"):
                 if statement.strip():
@@ -105,6 +114,11 @@ class SqliteStore:
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
+        with self._lock, self._transaction() as db:
+            yield db
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
         try:
             self._db.execute("BEGIN IMMEDIATE")
             try:
@@ -118,7 +132,8 @@ class SqliteStore:
 
     def _read(self, sql: str, params: Sequence[object] = ()) -> list[sqlite3.Row]:
         try:
-            return self._db.execute(sql, params).fetchall()
+            with self._lock:
+                return self._db.execute(sql, params).fetchall()
         except sqlite3.Error as error:
             raise LedgerError(f"STATE_PATH {self.path}: {error}") from None
 
@@ -154,10 +169,27 @@ class SqliteStore:
         return [s.device_key for s in fresh]
 
     def requeue(
-        self, detection_id: str, sightings: Sequence[Sighting], channels: Sequence[str], now: datetime
+        self,
+        detection_id: str,
+        sightings: Sequence[Sighting],
+        channels: Sequence[str],
+        now: datetime,
+        *,
+        sent_before: datetime | None = None,
     ) -> int:
         stamp = iso(now)
         with self._write() as db:
+            if sent_before is not None:
+                # Decided again under the write lock: a racing run may have re-alerted first.
+                eligible = {
+                    r[0]
+                    for r in db.execute(
+                        "SELECT device_key FROM deliveries WHERE detection_id = ? GROUP BY device_key "
+                        "HAVING MAX(status = 'pending') = 0 AND COALESCE(MAX(sent_at), '') <= ?",
+                        (detection_id, iso(sent_before)),
+                    )
+                }
+                sightings = [s for s in sightings if s.device_key in eligible]
             db.executemany(
                 "UPDATE devices SET sighting = ? WHERE detection_id = ? AND device_key = ?",
                 [(sighting_to_json(s), detection_id, s.device_key) for s in sightings],
@@ -165,8 +197,7 @@ class SqliteStore:
             db.executemany(
                 "INSERT INTO deliveries (detection_id, device_key, channel, status, created_at, next_attempt_at) "
                 "VALUES (?, ?, ?, 'pending', ?, ?) ON CONFLICT DO UPDATE SET status = 'pending', attempts = 0, "
-                "created_at = excluded.created_at, next_attempt_at = excluded.next_attempt_at, last_error = '', "
-                "lease_owner = NULL, lease_until = NULL",
+                "created_at = excluded.created_at, next_attempt_at = excluded.next_attempt_at, last_error = ''",
                 [(detection_id, s.device_key, channel, stamp, stamp) for s in sightings for channel in channels],
             )
         return len(sightings)
@@ -180,15 +211,18 @@ class SqliteStore:
         )
         return [_delivery(r) for r in rows]
 
-    def claim(self, deliveries: Sequence[Delivery], owner: str, lease_seconds: float) -> list[Delivery]:
+    def claim(
+        self, deliveries: Sequence[Delivery], owner: str, lease_seconds: float, now: datetime | None = None
+    ) -> list[Delivery]:
         wall = time.time()
+        due_by = iso(now) if now is not None else None
         keys = [(d.detection_id, d.device_key, d.channel) for d in deliveries]
         with self._write() as db:
             db.executemany(
                 "UPDATE deliveries SET lease_owner = ?, lease_until = ? "
                 "WHERE detection_id = ? AND device_key = ? AND channel = ? AND status = 'pending' "
-                "AND (lease_until IS NULL OR lease_until < ?)",
-                [(owner, wall + lease_seconds, *key, wall) for key in keys],
+                "AND (lease_until IS NULL OR lease_until < ?) AND (? IS NULL OR next_attempt_at <= ?)",
+                [(owner, wall + lease_seconds, *key, wall, due_by, due_by) for key in keys],
             )
             held = {
                 (r[0], r[1], r[2])
@@ -199,6 +233,15 @@ class SqliteStore:
             }
         return [d for d in deliveries if (d.detection_id, d.device_key, d.channel) in held]
 
+    def renew(self, deliveries: Sequence[Delivery], owner: str, lease_seconds: float) -> None:
+        until = time.time() + lease_seconds
+        with self._write() as db:
+            db.executemany(
+                "UPDATE deliveries SET lease_until = ? WHERE detection_id = ? AND device_key = ? AND channel = ? "
+                "AND lease_owner = ? AND status = 'pending'",
+                [(until, d.detection_id, d.device_key, d.channel, owner) for d in deliveries],
+            )
+
     def mark_sent(self, deliveries: Sequence[Delivery], now: datetime) -> None:
         with self._write() as db:
             db.executemany(
@@ -208,24 +251,29 @@ class SqliteStore:
             )
 
     def mark_failed(
-        self, deliveries: Sequence[Delivery], error: str, now: datetime, backoff_max: timedelta, give_up_after: timedelta
+        self,
+        deliveries: Sequence[Delivery],
+        error: str,
+        now: datetime,
+        backoff_max: timedelta,
+        give_up_after: timedelta,
+        *,
+        owner: str | None = None,
+        not_before: datetime | None = None,
     ) -> int:
-        updates = []
         gave_up = 0
-        for d in deliveries:
-            attempts = d.attempts + 1
-            status = DeliveryStatus.FAILED if gives_up(d, now, give_up_after) else DeliveryStatus.PENDING
-            gave_up += status is DeliveryStatus.FAILED
-            updates.append(
-                (status.value, attempts, iso(next_attempt(attempts, now, backoff_max)), error,
-                 d.detection_id, d.device_key, d.channel)
-            )
         with self._write() as db:
-            db.executemany(
-                "UPDATE deliveries SET status = ?, attempts = ?, next_attempt_at = ?, last_error = ?, "
-                "lease_owner = NULL, lease_until = NULL WHERE detection_id = ? AND device_key = ? AND channel = ?",
-                updates,
-            )
+            for d in deliveries:
+                attempts = d.attempts + 1
+                status = DeliveryStatus.FAILED if gives_up(d, now, give_up_after) else DeliveryStatus.PENDING
+                cursor = db.execute(
+                    "UPDATE deliveries SET status = ?, attempts = ?, next_attempt_at = ?, last_error = ?, "
+                    "lease_owner = NULL, lease_until = NULL WHERE detection_id = ? AND device_key = ? AND channel = ? "
+                    "AND status = 'pending' AND (? IS NULL OR lease_owner = ?)",
+                    (status.value, attempts, iso(next_attempt(attempts, now, backoff_max, not_before)), error,
+                     d.detection_id, d.device_key, d.channel, owner, owner),
+                )
+                gave_up += cursor.rowcount > 0 and status is DeliveryStatus.FAILED
         return gave_up
 
     def counts(self) -> dict[str, dict[str, int]]:
@@ -270,12 +318,12 @@ class SqliteStore:
         where, params = ("AND channel = ?", (channel,)) if channel else ("", ())
         with self._write() as db:
             cursor = db.execute(
-                # A failed delivery gets a fresh give-up window; a pending one just becomes due now.
-                "UPDATE deliveries SET status = 'pending', next_attempt_at = ?, "
-                "created_at = CASE WHEN status = 'failed' THEN ? ELSE created_at END, "
-                "lease_owner = NULL, lease_until = NULL "
-                f"WHERE status IN ('failed', 'pending') {where}",
-                (iso(now), iso(now), *params),
+                # Due from its creation time on; a failed one also gets a fresh give-up window.
+                "UPDATE deliveries SET next_attempt_at = created_at, "
+                "created_at = CASE WHEN status = 'failed' THEN ? ELSE created_at END, status = 'pending' "
+                "WHERE (status = 'failed' OR (status = 'pending' AND (lease_until IS NULL OR lease_until < ?))) "
+                f"{where}",
+                (iso(now), time.time(), *params),
             )
         return cursor.rowcount
 

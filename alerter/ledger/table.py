@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -312,7 +313,7 @@ class TableStore:
 
     page_size = PAGE_SIZE
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, read_only: bool = False) -> None:
         self.table_name = settings.state_table_name
         self.request_count = 0
         """HTTP requests sent (retries included): the benchmark and the tests read it."""
@@ -348,6 +349,11 @@ class TableStore:
             raise LedgerError("STATE_STORE is table, but neither STATE_CONNECTION nor STATE_TABLE_ENDPOINT is set")
         self._service = service
         self._table: TableClient = service.get_table_client(self.table_name)
+        # The lease-renewing thread and the run share the entity cache.
+        self._lock = threading.RLock()
+        self.read_only = read_only
+        if read_only:
+            return  # a dry run creates nothing; a missing table reads as an empty ledger
         try:
             with self._calling("create the table"):
                 try:
@@ -402,12 +408,17 @@ class TableStore:
                 )
             else:
                 pages = self._table.list_entities(select=select, results_per_page=self.page_size)
-            for entity in pages:
-                etag = (entity.metadata or {}).get("etag")
-                item = dict(entity)
-                if etag:
-                    item["__etag"] = etag
-                yield item
+            try:
+                for entity in pages:
+                    etag = (entity.metadata or {}).get("etag")
+                    item = dict(entity)
+                    if etag:
+                        item["__etag"] = etag
+                    yield item
+            except ResourceNotFoundError:
+                if not self.read_only:
+                    raise
+                # A dry run before the first real run: no table yet, so nothing is known.
 
     def _remember(self, entity: dict[str, Any]) -> dict[str, Any]:
         """Keep a full entity and its ETag so the next change can be a batched conditional write."""
@@ -431,7 +442,16 @@ class TableStore:
     def _keys(detection_id: str, device_key: str) -> Key:
         return table_key(detection_id)[0], table_key(device_key)[0]
 
+    def _writable(self) -> None:
+        if self.read_only:
+            raise LedgerError(self._message("write", "the ledger was opened read-only (a dry run)"))
+
     def _edit(self, edits: dict[Key, list[Edit]]) -> dict[Key, list[Any] | None]:
+        self._writable()
+        with self._lock:
+            return self._edit_unlocked(edits)
+
+    def _edit_unlocked(self, edits: dict[Key, list[Edit]]) -> dict[Key, list[Any] | None]:
         """Apply the edits to each entity with ETag-conditional merges. From cached copies the
         writes go in transactions; when one fails (another run changed an entity, or one is
         gone) each of its entities is read again, decided again and written alone, until its
@@ -448,6 +468,7 @@ class TableStore:
                 updated = dict(cached.entity)
                 outcomes[key] = [edit(updated) for edit in edits[key]]
                 patch = _patch(cached.entity, updated)
+                updated.update(patch)  # the derived properties too, so the cache stays true
                 if patch:
                     planned.append((key, updated, {"PartitionKey": key[0], "RowKey": key[1], **patch}, cached.etag))
             for chunk in _chunks(planned, lambda item: _wire_size(item[2])):
@@ -476,6 +497,7 @@ class TableStore:
             updated = dict(cached.entity)
             results = [edit(updated) for edit in edits]
             patch = _patch(cached.entity, updated)
+            updated.update(patch)
             if not patch:
                 return results
             with self._calling("write an entity"):
@@ -517,6 +539,7 @@ class TableStore:
     def add_new(
         self, detection_id: str, sightings: Sequence[Sighting], channels: Sequence[str], now: datetime
     ) -> list[str]:
+        self._writable()
         partition, partition_hashed = table_key(detection_id)
         entities: dict[str, dict[str, Any]] = {}
         for sighting in sightings:
@@ -552,16 +575,29 @@ class TableStore:
         return [key for key in keys if table_key(key)[0] in created]
 
     def requeue(
-        self, detection_id: str, sightings: Sequence[Sighting], channels: Sequence[str], now: datetime
+        self,
+        detection_id: str,
+        sightings: Sequence[Sighting],
+        channels: Sequence[str],
+        now: datetime,
+        *,
+        sent_before: datetime | None = None,
     ) -> int:
         for channel in channels:
             _check_channel(channel)
 
         def edit_for(sighting: Sighting) -> Edit:
-            def edit(entity: dict[str, Any]) -> None:
+            def edit(entity: dict[str, Any]) -> bool:
+                if sent_before is not None:
+                    # Decided again on the entity the ETag guards: a racing run may have re-alerted.
+                    statuses = _parse_statuses(entity.get(STATUSES)).values()
+                    last_sent = _utc(entity.get(LAST_SENT))
+                    if "pending" in statuses or (last_sent is not None and last_sent > sent_before):
+                        return False
                 entity.update(_sighting_properties(sighting))
                 for channel in channels:
                     entity.update(_pending_fields(channel, now))  # `_sent` stays: re-alerts count from it
+                return True
 
             return edit
 
@@ -569,8 +605,7 @@ class TableStore:
         for sighting in sightings:
             edits.setdefault(self._keys(detection_id, sighting.device_key), []).append(edit_for(sighting))
         self._prefetch(list(edits))
-        self._edit(edits)
-        return len(sightings)
+        return sum(bool(results and results[0]) for results in self._edit(edits).values())
 
     def _prefetch(self, keys: list[Key]) -> None:
         """Cache the entities about to change: one partition query when there are many of them
@@ -603,19 +638,23 @@ class TableStore:
         found.sort(key=lambda d: (d.detection_id, d.created_at or now, d.device_key))
         return found
 
-    def claim(self, deliveries: Sequence[Delivery], owner: str, lease_seconds: float) -> list[Delivery]:
+    def claim(
+        self, deliveries: Sequence[Delivery], owner: str, lease_seconds: float, now: datetime | None = None
+    ) -> list[Delivery]:
         wall = time.time()
 
         def edit_for(d: Delivery) -> Edit:
-            status, lease_owner, lease_until = (
+            status, lease_owner, lease_until, next_at = (
                 _field(d.channel, "status"), _field(d.channel, "lease_owner"), _field(d.channel, "lease_until"),
+                _field(d.channel, "next"),
             )
 
             def edit(entity: dict[str, Any]) -> bool:
                 if status not in entity:
                     return False
                 until = float(entity.get(lease_until) or 0)
-                if entity[status] == DeliveryStatus.PENDING.value and until < wall:
+                backed_off = now is not None and (_utc(entity.get(next_at)) or now) > now
+                if entity[status] == DeliveryStatus.PENDING.value and until < wall and not backed_off:
                     entity[lease_owner], entity[lease_until] = owner, wall + lease_seconds
                     return True
                 return entity.get(lease_owner) == owner and until > wall
@@ -633,6 +672,19 @@ class TableStore:
             if results is not None and results[index]:
                 held.append(d)
         return held
+
+    def renew(self, deliveries: Sequence[Delivery], owner: str, lease_seconds: float) -> None:
+        until = time.time() + lease_seconds
+
+        def edit_for(d: Delivery) -> Edit:
+            def edit(entity: dict[str, Any]) -> None:
+                if (entity.get(_field(d.channel, "lease_owner")) == owner
+                        and entity.get(_field(d.channel, "status")) == DeliveryStatus.PENDING.value):
+                    entity[_field(d.channel, "lease_until")] = until
+
+            return edit
+
+        self._edit(self._by_entity(deliveries, edit_for))
 
     def mark_sent(self, deliveries: Sequence[Delivery], now: datetime) -> None:
         def edit_for(d: Delivery) -> Edit:
@@ -653,33 +705,41 @@ class TableStore:
         self._edit(self._by_entity(deliveries, edit_for))
 
     def mark_failed(
-        self, deliveries: Sequence[Delivery], error: str, now: datetime, backoff_max: timedelta, give_up_after: timedelta
+        self,
+        deliveries: Sequence[Delivery],
+        error: str,
+        now: datetime,
+        backoff_max: timedelta,
+        give_up_after: timedelta,
+        *,
+        owner: str | None = None,
+        not_before: datetime | None = None,
     ) -> int:
         text = _safe_text(error, ERROR_CHARS_MAX)
-        gave_up = 0
 
         def edit_for(d: Delivery) -> Edit:
             attempts = d.attempts + 1
             status = DeliveryStatus.FAILED if gives_up(d, now, give_up_after) else DeliveryStatus.PENDING
 
-            def edit(entity: dict[str, Any]) -> None:
-                if _field(d.channel, "status") not in entity:
-                    return
+            def edit(entity: dict[str, Any]) -> bool:
+                if entity.get(_field(d.channel, "status")) != DeliveryStatus.PENDING.value:
+                    return False  # sent or given up meanwhile (by another run): keep that
+                if owner is not None and entity.get(_field(d.channel, "lease_owner")) != owner:
+                    return False  # our lease lapsed and another run holds it now
                 entity.update({
                     _field(d.channel, "status"): status.value,
                     _field(d.channel, "attempts"): attempts,
-                    _field(d.channel, "next"): next_attempt(attempts, now, backoff_max),
+                    _field(d.channel, "next"): next_attempt(attempts, now, backoff_max, not_before),
                     _field(d.channel, "error"): text,
                     _field(d.channel, "lease_owner"): NO_LEASE_OWNER,
                     _field(d.channel, "lease_until"): NO_LEASE,
                 })
+                return status is DeliveryStatus.FAILED
 
             return edit
 
-        for d in deliveries:
-            gave_up += gives_up(d, now, give_up_after)
-        self._edit(self._by_entity(deliveries, edit_for))
-        return gave_up
+        outcomes = self._edit(self._by_entity(deliveries, edit_for))
+        return sum(sum(bool(r) for r in results) for results in outcomes.values() if results)
 
     def counts(self) -> dict[str, dict[str, int]]:
         result: dict[str, dict[str, int]] = {}
@@ -711,6 +771,7 @@ class TableStore:
         return records
 
     def forget(self, detection_id: str, device_key: str) -> bool:
+        self._writable()
         key = self._keys(detection_id, device_key)
         if self._get(key) is None:
             return False
@@ -729,18 +790,20 @@ class TableStore:
         changed = 0
         edits: dict[Key, list[Edit]] = {}
 
+        wall = time.time()
+
         def edit(entity: dict[str, Any]) -> int:
             count = 0
             for c in [channel] if channel else _channels(entity):
                 was = entity.get(_field(c, "status"))
+                if was == DeliveryStatus.PENDING.value and float(entity.get(_field(c, "lease_until")) or 0) >= wall:
+                    continue  # a live run holds it and may be sending it right now
                 if was not in (DeliveryStatus.FAILED.value, DeliveryStatus.PENDING.value):
                     continue
                 count += 1
                 entity.update({
                     _field(c, "status"): DeliveryStatus.PENDING.value,
-                    _field(c, "next"): now,
-                    _field(c, "lease_owner"): NO_LEASE_OWNER,
-                    _field(c, "lease_until"): NO_LEASE,
+                    _field(c, "next"): entity.get(_field(c, "created")) or now,  # due for any later run
                 })
                 if was == DeliveryStatus.FAILED.value:
                     entity[_field(c, "created")] = now  # a fresh give-up window
