@@ -10,6 +10,7 @@ import importlib
 from dataclasses import dataclass
 from typing import Protocol
 
+from alerter.http import HttpCallError, retry_after_seconds
 from alerter.model import Digest, Message
 from alerter.settings import Settings
 
@@ -22,6 +23,12 @@ class DeliveryError(Exception):
         super().__init__(message)
         self.retry_after = retry_after
         """Seconds the channel asked us to wait (Retry-After): the next attempt is not earlier."""
+
+    @classmethod
+    def from_http(cls, error: HttpCallError, hint: str | None = None) -> DeliveryError:
+        """An HTTP channel's failure, keeping the Retry-After it may have sent."""
+        message = f"{error}: {hint}" if hint else str(error)
+        return cls(message, retry_after=retry_after_seconds(error.retry_after))
 
 
 @dataclass(frozen=True)

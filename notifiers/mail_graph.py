@@ -90,8 +90,7 @@ class GraphMailTransport:
         try:
             response = post(self._http, self.url, self.policy, what="Graph sendMail", data=body, headers=headers)
         except HttpCallError as error:
-            hint = HINTS.get(error.status or 0)
-            raise DeliveryError(f"{error}: {hint}" if hint else str(error)) from None
+            raise DeliveryError.from_http(error, HINTS.get(error.status or 0)) from None
         if response.status_code != 202:
             # sendMail answers 202 Accepted and nothing else on success.
             raise DeliveryError(f"Graph sendMail at {describe_url(self.url)}: unexpected HTTP {response.status_code}")

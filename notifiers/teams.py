@@ -283,7 +283,7 @@ class TeamsNotifier:
             post(self._http, self.url, self.policy, what="Teams webhook", data=body,
                  headers={"Content-Type": "application/json; charset=utf-8"})
         except HttpCallError as error:
-            raise DeliveryError(str(error)) from None
+            raise DeliveryError.from_http(error) from None
 
     def close(self) -> None:
         self._http.close()

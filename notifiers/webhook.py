@@ -12,7 +12,7 @@ import json
 from datetime import datetime
 from typing import Any
 
-from alerter.http import HttpCallError, HttpPolicy, post, retry_after_seconds, session
+from alerter.http import HttpCallError, HttpPolicy, post, session
 from alerter.model import Digest, Message, Sighting
 from alerter.settings import Settings
 from notifiers import DeliveryError, Rendered
@@ -124,7 +124,7 @@ class WebhookNotifier:
         try:
             post(self._http, self.url, self.policy, what="webhook", data=body, headers=headers)
         except HttpCallError as error:
-            raise DeliveryError(str(error), retry_after=retry_after_seconds(error.retry_after)) from None
+            raise DeliveryError.from_http(error) from None
 
     def close(self) -> None:
         self._http.close()
