@@ -104,6 +104,7 @@ class Cycle:
             log.error("detection problem: %s", problem)
             report.problems.append(str(problem))
         self.detections = {d.id: d for d in loaded.detections}
+        self._all_detections: dict[str, Detection] | None = None
         if not self.settings.channels and not self.dry_run:
             if self.preview:
                 report.notes.append(
@@ -272,7 +273,7 @@ class Cycle:
                 self.report.pending_carried_over += len(carried)
                 chunk = self._chunk_size(channel)
                 self.report.would_send.setdefault(channel, []).extend(
-                    p.message for p in plan_messages(carried, chunk, self.detections, self.report.run)
+                    p.message for p in plan_messages(carried, chunk, self._for_messages(carried), self.report.run)
                 )
         else:
             for channel in self.settings.channels:
@@ -309,11 +310,21 @@ class Cycle:
             finally:
                 notifier.close()
 
+    def _for_messages(self, deliveries: Sequence[Delivery]) -> dict[str, Detection]:
+        """Detections by id for building messages. A delivery still owed for a detection that is
+        no longer enabled goes out with that file's name and techniques, read once when needed."""
+        if all(d.detection_id in self.detections for d in deliveries):
+            return self.detections
+        if self._all_detections is None:
+            every = load_detections(self.settings.detections_path, every_file=True).detections
+            self._all_detections = {**{d.id: d for d in every}, **self.detections}
+        return self._all_detections
+
     def _detection_report(self, detection_id: str) -> DetectionReport:
         for dr in self.report.detections:
             if dr.detection_id == detection_id:
                 return dr
-        detection = self.detections.get(detection_id) or orphan_detection(detection_id)
+        detection = (self._all_detections or self.detections).get(detection_id) or orphan_detection(detection_id)
         dr = DetectionReport(detection.id, detection.name)
         self.report.detections.append(dr)
         return dr
@@ -329,7 +340,7 @@ class Cycle:
         budget = self.settings.run_budget.total_seconds()
         held_back = ""  # once set, the channel's remaining messages wait for the next run untouched
         try:
-            for planned in plan_messages(due, notifier.chunk_size, self.detections, self.report.run):
+            for planned in plan_messages(due, notifier.chunk_size, self._for_messages(due), self.report.run):
                 outcome = self._detection_report(planned.message.detection.id).channel(channel)
                 if not held_back and time.monotonic() - self.started > budget:
                     held_back = "run budget used up"

@@ -113,3 +113,22 @@ def test_two_cycles_racing_on_one_store_deliver_each_device_once(make_settings, 
 
 # A crash between send and mark (SIGKILL of a real `alerter run` process while the receiver
 # holds the message) is tested for every store in test_crash_safety.py.
+
+
+def test_a_delivery_owed_for_a_detection_no_longer_enabled_still_goes_out_with_its_name(
+    make_settings, data_dir, webhook_server
+):
+    three_devices(data_dir)
+    webhook_server.default = Reply(500)
+    run_cycle(make_settings(WEBHOOK_URL=webhook_server.url + "/hook"), now=DEMO_NOW)
+    webhook_server.default = Reply(200)
+    # The SOC switches the Panorama9 detection off; what it already owes is still delivered.
+    later = run_cycle(
+        make_settings(WEBHOOK_URL=webhook_server.url + "/hook", DETECTIONS="rmm/anydesk-filesig.yaml"),
+        now=DEMO_NOW + timedelta(hours=4),
+    )
+    assert later.ok
+    body = webhook_server.requests[-1].json()
+    assert body["detection"]["name"] == "Remote Management and Monitoring tool - Panorama9 - File Signature"
+    assert body["detection"]["techniques"] == ["T1219"]
+    assert sorted(s["deviceId"] for s in body["sightings"]) == ["d1", "d2", "d3"]
