@@ -44,8 +44,9 @@ validate: $(VENV)/.installed
 test: install
 	CHECKOV_BIN=$(TOOLS)/bin/checkov $(PY) -m pytest
 
-bench: $(VENV)/.installed
+bench: install
 	$(PY) bench/run.py
+	$(PY) bench/table_bench.py
 
 ## Render the demo's Teams card and mail to docs/ with the Adaptive Cards JS library in headless
 ## Chromium. Needs Debian's chromium (apt-get install chromium) or CHROMIUM=/path/to/chrome.

@@ -18,7 +18,7 @@ from itertools import groupby
 
 from alerter.detections import load_detections
 from alerter.digest import digest_due
-from alerter.ledger import LEASE_RENEW_EVERY, LEASE_SECONDS, LedgerError, Store, open_store
+from alerter.ledger import LEASE_RENEW_EVERY, LEASE_SECONDS, KnownDevice, LedgerError, Store, open_store
 from alerter.model import (
     Delivery,
     DeliveryStatus,
@@ -31,7 +31,7 @@ from alerter.model import (
     Sighting,
 )
 from alerter.settings import Settings
-from alerter.sightings import ResultShapeError, to_sightings
+from alerter.sightings import ResultShapeError, merge_rows
 from alerter.sources import QueryError, Source, create_source
 from alerter.suppressions import Suppressions, load_suppressions
 from notifiers import DeliveryError, Notifier, available_channels, create_notifier
@@ -183,36 +183,38 @@ class Cycle:
         self, detection: Detection, source: Source, suppressions: Suppressions, store: Store | None
     ) -> DetectionReport:
         dr = DetectionReport(detection.id, detection.name)
+        known = store.known(detection.id) if store else {}
+        realert_due = {key for key, record in known.items() if self._realert_due(record)}
         try:
             result = source.query(detection, self.now)
-            sightings, dr.rows = to_sightings(result.batches)
+            # A known device that is not due for a re-alert costs a set lookup and nothing more:
+            # the steady state does no work per reported device.
+            merged = merge_rows(result.batches, skip=known.keys() - realert_due)
         except (QueryError, ResultShapeError) as error:
             dr.query_error = str(error)
             log.error("detection %s (%s): query failed: %s", detection.name, detection.path, error)
             return dr
+        dr.rows = merged.rows
         dr.incomplete = list(result.incomplete)
         for reason in dr.incomplete:
             log.error("detection %s: result may be incomplete: %s", detection.name, reason)
-        dr.devices = len(sightings)
-        for sighting in sightings:
-            sighting.links = source.links(detection, sighting.device_id)
+        dr.devices = len(merged.sightings) + merged.skipped
 
         active = []
-        for sighting in sightings:
+        for sighting in merged.sightings:
             if suppressions.match(detection, sighting, self.now):
                 dr.suppressed += 1
             else:
+                sighting.links = source.links(detection, sighting.device_id)
                 active.append(sighting)
-
-        known = store.known(detection.id) if store else {}
         new = [s for s in active if s.device_key not in known]
-        realerts = self._realerts(active, known)
-        dr.known = len(active) - len(new)
+        realerts = [replace(s, realert=True) for s in active if s.device_key in realert_due]
+        dr.known = merged.skipped + len(active) - len(new)
         channels = self.settings.channels
         if not self.record or store is None:
             dr.new, dr.realerts = len(new), len(realerts)
         else:
-            created = store.add_new(detection.id, new, channels, self.now)
+            created = store.add_new(detection.id, new, channels, self.now) if new else []
             dr.new = len(created)
             self.created_this_run.update((detection.id, key) for key in created)
             if realerts and channels:
@@ -229,16 +231,12 @@ class Cycle:
         )
         return dr
 
-    def _realerts(self, sightings: list[Sighting], known: dict) -> list[Sighting]:
+    def _realert_due(self, record: KnownDevice) -> bool:
+        """Reported, nothing owed, and last notified at least REALERT_AFTER ago."""
         after = self.settings.realert_after
-        if after is None:
-            return []
-        due = []
-        for sighting in sightings:
-            record = known.get(sighting.device_key)
-            if record and not record.owed and record.last_notified_at and self.now - record.last_notified_at >= after:
-                due.append(replace(sighting, realert=True))
-        return due
+        if after is None or record.owed or record.last_notified_at is None:
+            return False
+        return self.now - record.last_notified_at >= after
 
     def _would_send_new(self, detection: Detection, sightings: list[Sighting]) -> None:
         for channel in self.settings.channels or available_channels():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -107,25 +107,41 @@ def device_key(device_id: str, device_name: str) -> str:
 Row = Mapping[str, Any]
 
 
-def to_sightings(batches: Iterable[tuple[str, Iterable[Row]]]) -> tuple[list[Sighting], int]:
+@dataclass
+class Merged:
+    sightings: list[Sighting]
+    rows: int
+    skipped: int = 0
+    """Distinct devices in `skip` that the rows named (counted, not merged)."""
+
+
+def merge_rows(batches: Iterable[tuple[str, Iterable[Row]]], skip: Collection[str] = frozenset()) -> Merged:
     """Merge rows into one sighting per device. Each batch is (source label, rows): a device
-    seen in two workspaces is one sighting naming both. Returns the sightings and the row count."""
+    seen in two workspaces is one sighting naming both. Devices whose key is in `skip` (already
+    reported, nothing to send) are only counted."""
     by_key: dict[str, Sighting] = {}
     name_seen_at: dict[str, datetime | None] = {}
+    skipped: set[str] = set()
     row_count = 0
     for source, rows in batches:
         columns: _Columns | None = None
         for row in rows:
             row_count += 1
             columns = columns or _Columns.of(row)
-            _merge_row(row, columns, source, by_key, name_seen_at)
+            _merge_row(row, columns, source, by_key, name_seen_at, skip, skipped)
     sightings = list(by_key.values())
     for sighting in sightings:
         try:
             sighting.report_ids.sort()
         except TypeError:
             pass
-    return sightings, row_count
+    return Merged(sightings, row_count, len(skipped))
+
+
+def to_sightings(batches: Iterable[tuple[str, Iterable[Row]]]) -> tuple[list[Sighting], int]:
+    """Every device's sighting and the row count."""
+    merged = merge_rows(batches)
+    return merged.sightings, merged.rows
 
 
 def _cell(row: Row, column: str | None) -> Any:
@@ -142,11 +158,21 @@ def _text(value: Any) -> str:
 
 
 def _merge_row(
-    row: Row, columns: _Columns, source: str, by_key: dict[str, Sighting], name_seen_at: dict[str, datetime | None]
+    row: Row,
+    columns: _Columns,
+    source: str,
+    by_key: dict[str, Sighting],
+    name_seen_at: dict[str, datetime | None],
+    skip: Collection[str],
+    skipped: set[str],
 ) -> None:
     device_id = _text(_cell(row, columns.device_id))
     device_name = _text(_cell(row, columns.device_name))
     if not device_id and not device_name:
+        return
+    key = device_key(device_id, device_name)
+    if key in skip:
+        skipped.add(key)
         return
     try:
         first = as_utc(_cell(row, columns.first_seen))
@@ -161,7 +187,6 @@ def _merge_row(
     except (TypeError, ValueError):
         raise ResultShapeError(f"column {columns.count} holds a value that is not a number") from None
     reports = _report_ids(_cell(row, columns.report))
-    key = device_key(device_id, device_name)
     sighting = by_key.get(key)
     if sighting is None:
         by_key[key] = Sighting(

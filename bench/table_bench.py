@@ -49,8 +49,8 @@ class CountingTableStore(TableStore):
 
     opened: ClassVar[list[CountingTableStore]] = []
 
-    def __init__(self, settings: Settings) -> None:
-        super().__init__(settings)
+    def __init__(self, settings: Settings, *, read_only: bool = False) -> None:
+        super().__init__(settings, read_only=read_only)
         self.known_seconds = 0.0
         self.known_requests = 0
         CountingTableStore.opened.append(self)

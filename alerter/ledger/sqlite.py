@@ -144,7 +144,12 @@ class SqliteStore:
             "WHERE d.detection_id = ? GROUP BY d.device_key",
             (detection_id,),
         )
-        return {r["device_key"]: KnownDevice(r["device_key"], as_utc(r["last_sent"]), bool(r["owed"])) for r in rows}
+        # Times were written by iso(): fromisoformat reads them back as aware datetimes, fast.
+        parse = datetime.fromisoformat
+        return {
+            key: KnownDevice(key, parse(last_sent) if last_sent else None, bool(owed))
+            for key, last_sent, owed in rows
+        }
 
     def add_new(
         self, detection_id: str, sightings: Sequence[Sighting], channels: Sequence[str], now: datetime
