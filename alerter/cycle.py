@@ -18,7 +18,7 @@ from itertools import groupby
 
 from alerter.detections import load_detections
 from alerter.digest import digest_due
-from alerter.ledger import LEASE_RENEW_EVERY, LEASE_SECONDS, KnownDevice, LedgerError, Store, open_store
+from alerter.ledger import LEASE_RENEW_EVERY, LEASE_SECONDS, Failure, KnownDevice, LedgerError, Store, open_store
 from alerter.model import (
     Delivery,
     DeliveryStatus,
@@ -359,10 +359,9 @@ class Cycle:
                 except DeliveryError as error:
                     text = self.settings.redactor()(str(error))
                     not_before = self.now + timedelta(seconds=error.retry_after) if error.retry_after else None
-                    gave_up = store.mark_failed(
-                        claimed, text, self.now, self.settings.retry_backoff_max, self.settings.give_up_after,
-                        owner=owner, not_before=not_before,
-                    )
+                    failure = Failure(text, self.now, self.settings.retry_backoff_max, self.settings.give_up_after,
+                                      not_before)
+                    gave_up = store.mark_failed(claimed, failure, owner=owner)
                     outcome.failed += len(claimed) - gave_up
                     outcome.gave_up += gave_up
                     outcome.errors.append(text)

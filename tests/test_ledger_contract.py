@@ -16,7 +16,15 @@ from pathlib import Path
 
 import pytest
 
-from alerter.ledger import REPORT_IDS_KEPT, LedgerError, Store, open_store, sighting_from_json, sighting_to_json
+from alerter.ledger import (
+    REPORT_IDS_KEPT,
+    Failure,
+    LedgerError,
+    Store,
+    open_store,
+    sighting_from_json,
+    sighting_to_json,
+)
 from alerter.model import Delivery, DeliveryStatus, Link, Sighting
 from alerter.settings import Settings
 
@@ -251,7 +259,8 @@ def test_mark_sent_is_final_and_feeds_re_alerting(store: Store) -> None:
 def test_mark_failed_backs_off_then_gives_up(store: Store) -> None:
     store.add_new(DET, [sighting("a")], CHANNELS, NOW)
     [delivery] = store.claim(store.due("webhook", NOW), "run", 60)
-    assert store.mark_failed([delivery], "webhook at http://127.0.0.1/…: HTTP 503", NOW, BACKOFF_MAX, GIVE_UP) == 0
+    failure = Failure("webhook at http://127.0.0.1/…: HTTP 503", NOW, BACKOFF_MAX, GIVE_UP)
+    assert store.mark_failed([delivery], failure) == 0
 
     [record] = store.records(DET)
     webhook = next(d for d in record.deliveries if d.channel == "webhook")
@@ -264,7 +273,7 @@ def test_mark_failed_backs_off_then_gives_up(store: Store) -> None:
 
     # Second failure: two minutes; the backoff is capped by backoff_max.
     later = NOW + timedelta(minutes=1)
-    store.mark_failed(store.claim([again], "run", 60), "HTTP 503", later, timedelta(minutes=90), GIVE_UP)
+    store.mark_failed(store.claim([again], "run", 60), Failure("HTTP 503", later, timedelta(minutes=90), GIVE_UP))
     [again] = store.due("webhook", later + timedelta(minutes=2))
     assert again.attempts == 2 and again.next_attempt_at == later + timedelta(minutes=2)
     assert store.counts()["webhook"] == {"pending": 1}
@@ -272,7 +281,7 @@ def test_mark_failed_backs_off_then_gives_up(store: Store) -> None:
 
     # Owed for give_up_after: it becomes failed, is counted, and is no longer due.
     end = NOW + GIVE_UP
-    assert store.mark_failed(store.claim([again], "run", 60), "HTTP 410", end, BACKOFF_MAX, GIVE_UP) == 1
+    assert store.mark_failed(store.claim([again], "run", 60), Failure("HTTP 410", end, BACKOFF_MAX, GIVE_UP)) == 1
     assert store.counts() == {"webhook": {"failed": 1}, "teams": {"pending": 1}}
     assert store.due("webhook", end + timedelta(days=1)) == []
     [record] = store.records(DET)
@@ -341,10 +350,10 @@ def test_forget_makes_a_device_new_again(store: Store) -> None:
 def test_retry_failed_makes_failed_and_backed_off_deliveries_due_now(store: Store) -> None:
     store.add_new(DET, [sighting("failed"), sighting("backoff"), sighting("sent")], ["webhook"], NOW)
     due = {d.device_key: d for d in store.claim(store.due("webhook", NOW), "run", 60)}
-    store.mark_failed([due["failed"]], "HTTP 500", NOW, BACKOFF_MAX, GIVE_UP)
+    store.mark_failed([due["failed"]], Failure("HTTP 500", NOW, BACKOFF_MAX, GIVE_UP))
     [failing] = [d for d in store.due("webhook", NOW + GIVE_UP) if d.device_key == "failed"]
-    store.mark_failed([failing], "HTTP 500", NOW + GIVE_UP, BACKOFF_MAX, GIVE_UP)  # second attempt: gives up
-    store.mark_failed([due["backoff"]], "HTTP 500", NOW + GIVE_UP - timedelta(seconds=30), BACKOFF_MAX, GIVE_UP)
+    store.mark_failed([failing], Failure("HTTP 500", NOW + GIVE_UP, BACKOFF_MAX, GIVE_UP))  # second attempt: gives up
+    store.mark_failed([due["backoff"]], Failure("HTTP 500", NOW + GIVE_UP - timedelta(seconds=30), BACKOFF_MAX, GIVE_UP))
     store.mark_sent([due["sent"]], NOW)
     now = NOW + GIVE_UP + timedelta(seconds=10)  # the backed-off one is next due 20 s later
     assert store.due("webhook", now) == []
@@ -439,7 +448,7 @@ def test_a_run_whose_lease_lapsed_cannot_undo_another_runs_success(open_ledger: 
     [stale] = slow.claim(slow.due("webhook", NOW), "slow-run", 0.3)
     time.sleep(0.4)  # the slow run's lease lapses; the fast run takes over and delivers
     fast.mark_sent(fast.claim(fast.due("webhook", NOW), "fast-run", 60), NOW)
-    assert slow.mark_failed([stale], "HTTP 500", NOW, BACKOFF_MAX, GIVE_UP, owner="slow-run") == 0
+    assert slow.mark_failed([stale], Failure("HTTP 500", NOW, BACKOFF_MAX, GIVE_UP), owner="slow-run") == 0
     [record] = fast.records(DET)
     assert record.deliveries[0].status is DeliveryStatus.SENT
 
@@ -450,10 +459,10 @@ def test_a_failure_is_recorded_only_by_the_run_that_holds_the_claim(open_ledger:
     [lapsed] = first.claim(first.due("webhook", NOW), "first", 0.3)
     time.sleep(0.4)
     [held] = second.claim(second.due("webhook", NOW), "second", 60)
-    first.mark_failed([lapsed], "HTTP 500", NOW, BACKOFF_MAX, GIVE_UP, owner="first")
+    first.mark_failed([lapsed], Failure("HTTP 500", NOW, BACKOFF_MAX, GIVE_UP), owner="first")
     [record] = second.records(DET)
     assert record.deliveries[0].attempts == 0 and record.deliveries[0].last_error == ""
-    second.mark_failed([held], "HTTP 503", NOW, BACKOFF_MAX, GIVE_UP, owner="second")
+    second.mark_failed([held], Failure("HTTP 503", NOW, BACKOFF_MAX, GIVE_UP), owner="second")
     [record] = second.records(DET)
     assert (record.deliveries[0].attempts, record.deliveries[0].last_error) == (1, "HTTP 503")
 
@@ -473,7 +482,7 @@ def test_renewing_keeps_a_claim_past_its_first_lease(open_ledger: OpenStore) -> 
 def test_a_claim_with_the_run_clock_respects_the_backoff(store: Store) -> None:
     store.add_new(DET, [sighting("a")], ["webhook"], NOW)
     stale_view = store.due("webhook", NOW)  # what an overlapping run listed before the failure
-    store.mark_failed(store.claim(stale_view, "run-1", 60, NOW), "HTTP 500", NOW, BACKOFF_MAX, GIVE_UP)
+    store.mark_failed(store.claim(stale_view, "run-1", 60, NOW), Failure("HTTP 500", NOW, BACKOFF_MAX, GIVE_UP))
     assert store.claim(stale_view, "run-2", 60, NOW) == []
     assert keys_of(store.claim(stale_view, "run-2", 60, NOW + timedelta(minutes=1))) == [(DET, "a", "webhook")]
 
@@ -481,8 +490,8 @@ def test_a_claim_with_the_run_clock_respects_the_backoff(store: Store) -> None:
 def test_retry_after_sets_the_earliest_next_attempt(store: Store) -> None:
     store.add_new(DET, [sighting("a")], ["webhook"], NOW)
     claimed = store.claim(store.due("webhook", NOW), "run", 60, NOW)
-    store.mark_failed(claimed, "HTTP 429", NOW, BACKOFF_MAX, GIVE_UP, owner="run",
-                      not_before=NOW + timedelta(hours=2))
+    store.mark_failed(claimed, Failure("HTTP 429", NOW, BACKOFF_MAX, GIVE_UP, not_before=NOW + timedelta(hours=2)),
+                      owner="run")
     assert store.due("webhook", NOW + timedelta(hours=1)) == []
     assert len(store.due("webhook", NOW + timedelta(hours=2))) == 1
 

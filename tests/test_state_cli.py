@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from alerter.cli import main
-from alerter.ledger import Store, open_store
+from alerter.ledger import Failure, Store, open_store
 from alerter.model import Sighting
 from alerter.settings import Settings
 
@@ -72,11 +72,11 @@ def ledger(store: Store) -> Store:
     store.add_new(ORPHAN, [sighting("orphan-04", "ws-orphan.corp")], ["webhook"], NOW + timedelta(minutes=1))
     due = {d.device_key: d for d in store.claim(store.due("webhook", NOW), "run-1", 60)}
     store.mark_sent([due["sent-01"]], NOW + timedelta(seconds=5))
-    store.mark_failed([due["pending-02"]], "webhook at http://127.0.0.1:9/…: HTTP 503", NOW, BACKOFF, GIVE_UP)
+    store.mark_failed([due["pending-02"]], Failure("webhook at http://127.0.0.1:9/…: HTTP 503", NOW, BACKOFF, GIVE_UP))
     # Giving up takes the give-up window and at least two attempts.
-    store.mark_failed([due["failed-03"]], "webhook at http://127.0.0.1:9/…: HTTP 503", NOW, BACKOFF, GIVE_UP)
+    store.mark_failed([due["failed-03"]], Failure("webhook at http://127.0.0.1:9/…: HTTP 503", NOW, BACKOFF, GIVE_UP))
     [again] = [d for d in store.due("webhook", NOW + GIVE_UP) if d.device_key == "failed-03"]
-    store.mark_failed([again], "webhook at http://127.0.0.1:9/…: HTTP 410", NOW + GIVE_UP, BACKOFF, GIVE_UP)
+    store.mark_failed([again], Failure("webhook at http://127.0.0.1:9/…: HTTP 410", NOW + GIVE_UP, BACKOFF, GIVE_UP))
     store.mark_sent([due["evil name"]], NOW)
     return store
 

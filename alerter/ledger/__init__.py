@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Protocol
 
-from alerter.model import Delivery, Link, Sighting
+from alerter.model import Delivery, DeliveryStatus, Link, Sighting
 from alerter.settings import Settings
 from alerter.sightings import as_utc
 
@@ -100,21 +100,10 @@ class Store(Protocol):
         """The channel answered 2xx: sent, whoever holds the lease now (a sent message is sent)."""
         ...
 
-    def mark_failed(
-        self,
-        deliveries: Sequence[Delivery],
-        error: str,
-        now: datetime,
-        backoff_max: timedelta,
-        give_up_after: timedelta,
-        *,
-        owner: str | None = None,
-        not_before: datetime | None = None,
-    ) -> int:
-        """Record a failed attempt: pending with a backoff (never before `not_before`, the
-        channel's Retry-After), or `failed` once owed longer than give_up_after. With `owner`,
-        only deliveries that owner still holds: a run whose lease lapsed must not undo another
-        run's success. Returns how many gave up."""
+    def mark_failed(self, deliveries: Sequence[Delivery], failure: Failure, *, owner: str | None = None) -> int:
+        """Record a failed attempt as `failure.next_state` decides. With `owner`, only deliveries
+        that owner still holds: a run whose lease lapsed must not undo another run's success.
+        Returns how many gave up."""
         ...
 
     def counts(self) -> dict[str, dict[str, int]]:
@@ -134,6 +123,25 @@ class Store(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class Failure:
+    """One failed attempt to deliver, with the retry policy that decides what follows."""
+
+    error: str
+    """Already redacted: it is stored and shown."""
+    at: datetime
+    backoff_max: timedelta
+    give_up_after: timedelta
+    not_before: datetime | None = None
+    """The channel's Retry-After: the next attempt is not earlier."""
+
+    def next_state(self, delivery: Delivery) -> tuple[DeliveryStatus, int, datetime]:
+        """Status, attempts and next attempt time after this failure."""
+        attempts = delivery.attempts + 1
+        status = DeliveryStatus.FAILED if gives_up(delivery, self.at, self.give_up_after) else DeliveryStatus.PENDING
+        return status, attempts, next_attempt(attempts, self.at, self.backoff_max, self.not_before)
 
 
 def next_attempt(attempts: int, now: datetime, backoff_max: timedelta, not_before: datetime | None = None) -> datetime:

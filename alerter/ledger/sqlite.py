@@ -17,11 +17,10 @@ from pathlib import Path
 
 from alerter.ledger import (
     DeviceRecord,
+    Failure,
     KnownDevice,
     LedgerError,
-    gives_up,
     iso,
-    next_attempt,
     sighting_from_json,
     sighting_to_json,
 )
@@ -255,28 +254,17 @@ class SqliteStore:
                 [(iso(now), d.detection_id, d.device_key, d.channel) for d in deliveries],
             )
 
-    def mark_failed(
-        self,
-        deliveries: Sequence[Delivery],
-        error: str,
-        now: datetime,
-        backoff_max: timedelta,
-        give_up_after: timedelta,
-        *,
-        owner: str | None = None,
-        not_before: datetime | None = None,
-    ) -> int:
+    def mark_failed(self, deliveries: Sequence[Delivery], failure: Failure, *, owner: str | None = None) -> int:
         gave_up = 0
         with self._write() as db:
             for d in deliveries:
-                attempts = d.attempts + 1
-                status = DeliveryStatus.FAILED if gives_up(d, now, give_up_after) else DeliveryStatus.PENDING
+                status, attempts, next_at = failure.next_state(d)
                 cursor = db.execute(
                     "UPDATE deliveries SET status = ?, attempts = ?, next_attempt_at = ?, last_error = ?, "
                     "lease_owner = NULL, lease_until = NULL WHERE detection_id = ? AND device_key = ? AND channel = ? "
                     "AND status = 'pending' AND (? IS NULL OR lease_owner = ?)",
-                    (status.value, attempts, iso(next_attempt(attempts, now, backoff_max, not_before)), error,
-                     d.detection_id, d.device_key, d.channel, owner, owner),
+                    (status.value, attempts, iso(next_at), failure.error, d.detection_id, d.device_key, d.channel,
+                     owner, owner),
                 )
                 gave_up += cursor.rowcount > 0 and status is DeliveryStatus.FAILED
         return gave_up

@@ -57,10 +57,9 @@ from azure.data.tables import TableClient, TableServiceClient, TableTransactionE
 
 from alerter.ledger import (
     DeviceRecord,
+    Failure,
     KnownDevice,
     LedgerError,
-    gives_up,
-    next_attempt,
     sighting_from_json,
     sighting_to_json,
 )
@@ -704,22 +703,11 @@ class TableStore:
 
         self._edit(self._by_entity(deliveries, edit_for))
 
-    def mark_failed(
-        self,
-        deliveries: Sequence[Delivery],
-        error: str,
-        now: datetime,
-        backoff_max: timedelta,
-        give_up_after: timedelta,
-        *,
-        owner: str | None = None,
-        not_before: datetime | None = None,
-    ) -> int:
-        text = _safe_text(error, ERROR_CHARS_MAX)
+    def mark_failed(self, deliveries: Sequence[Delivery], failure: Failure, *, owner: str | None = None) -> int:
+        text = _safe_text(failure.error, ERROR_CHARS_MAX)
 
         def edit_for(d: Delivery) -> Edit:
-            attempts = d.attempts + 1
-            status = DeliveryStatus.FAILED if gives_up(d, now, give_up_after) else DeliveryStatus.PENDING
+            status, attempts, next_at = failure.next_state(d)
 
             def edit(entity: dict[str, Any]) -> bool:
                 if entity.get(_field(d.channel, "status")) != DeliveryStatus.PENDING.value:
@@ -729,7 +717,7 @@ class TableStore:
                 entity.update({
                     _field(d.channel, "status"): status.value,
                     _field(d.channel, "attempts"): attempts,
-                    _field(d.channel, "next"): next_attempt(attempts, now, backoff_max, not_before),
+                    _field(d.channel, "next"): next_at,
                     _field(d.channel, "error"): text,
                     _field(d.channel, "lease_owner"): NO_LEASE_OWNER,
                     _field(d.channel, "lease_until"): NO_LEASE,
