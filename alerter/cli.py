@@ -7,7 +7,6 @@ Exit status: 0 all went through; 1 a query or a delivery failed (what worked is 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from datetime import datetime

@@ -7,6 +7,7 @@ URL: webhook URLs carry their signature in the query string.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from email.utils import parsedate_to_datetime
@@ -48,44 +49,49 @@ class BoundedRetry(Retry):
         if response is not None:
             wait = retry_after_seconds(response.headers.get("Retry-After"))  # urllib3's own caps it
             if wait is not None and wait > RETRY_AFTER_MAX_SECONDS:
-                raise MaxRetryError(_pool, url, ResponseError(f"Retry-After {wait:.0f} s is past the run"))
+                raise MaxRetryError(_pool, url or "", ResponseError(
+                    f"Retry-After {wait:g} s is longer than a run waits ({RETRY_AFTER_MAX_SECONDS:g} s)"))
         return super().increment(method, url, response, error, _pool, _stacktrace)
 
 
 def retry_after_seconds(value: str | None) -> float | None:
-    """A Retry-After header (seconds or an HTTP date) as seconds from now."""
-    if not value:
+    """Seconds from a Retry-After header (delta-seconds or an HTTP date); None when absent or unreadable."""
+    if value is None or not value.strip():
         return None
     try:
-        return max(0.0, float(value))
+        seconds = float(value.strip())
     except ValueError:
-        pass
-    try:
-        when = parsedate_to_datetime(value)
-    except (TypeError, ValueError):
+        try:
+            when = parsedate_to_datetime(value.strip())
+        except (TypeError, ValueError):
+            return None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=timezone.utc)
+        seconds = (when - datetime.now(timezone.utc)).total_seconds()
+    if math.isnan(seconds):
         return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=timezone.utc)
-    return max(0.0, (when - datetime.now(timezone.utc)).total_seconds())
+    return max(0.0, seconds)
 
 
-def session(policy: HttpPolicy, statuses: frozenset[int] = RETRY_STATUSES) -> requests.Session:
-    retry = BoundedRetry(
-        total=policy.retries,
-        connect=policy.retries,
-        read=policy.retries,
-        status=policy.retries,
-        other=0,
-        allowed_methods=None,  # POST too: a duplicate message is better than a lost one
-        status_forcelist=statuses,
-        backoff_factor=policy.backoff_factor,
-        backoff_max=30,
-        respect_retry_after_header=True,
-        retry_after_max=RETRY_AFTER_MAX_SECONDS,
-        raise_on_status=False,
-    )
+def session(policy: HttpPolicy, retry_class: type[BoundedRetry] = BoundedRetry, **retry_options: Any) -> requests.Session:
+    """A session whose every request retries per `policy`; `retry_options` adjust the Retry."""
+    options: dict[str, Any] = {
+        "total": policy.retries,
+        "connect": policy.retries,
+        "read": policy.retries,
+        "status": policy.retries,
+        "other": 0,
+        "allowed_methods": None,  # POST too: a duplicate message is better than a lost one
+        "status_forcelist": RETRY_STATUSES,
+        "backoff_factor": policy.backoff_factor,
+        "backoff_max": 30,
+        "respect_retry_after_header": True,
+        "retry_after_max": RETRY_AFTER_MAX_SECONDS,
+        "raise_on_status": False,
+        **retry_options,
+    }
     http = requests.Session()
-    adapter = HTTPAdapter(max_retries=retry)
+    adapter = HTTPAdapter(max_retries=retry_class(**options))
     http.mount("https://", adapter)
     http.mount("http://", adapter)
     return http

@@ -8,7 +8,6 @@ import shutil
 import struct
 import subprocess
 import time
-from datetime import timedelta
 
 import pytest
 

@@ -25,7 +25,7 @@ from alerter.sources.log_analytics import LogAnalyticsSource
 from tests.conftest import DEMO_NOW, PANORAMA9_ID, ROOT, cert_row, write_rows
 from tests.support.graph import FakeGraph, graph_error, quota_exceeded
 from tests.support.http_server import Reply
-from tests.support.identity import ManagedIdentityEndpoint, managed_identity  # noqa: F401 - the fixture
+from tests.support.identity import ManagedIdentityEndpoint
 from tests.support.log_analytics import FakeLogAnalytics, html_page, truncated
 
 TABLE = "DeviceFileCertificateInfo"
@@ -51,7 +51,7 @@ def panorama9() -> Detection:
 
 
 @pytest.fixture
-def fake(ca, trust_ca, managed_identity) -> Iterator[FakeGraph]:  # noqa: F811
+def fake(ca, trust_ca, managed_identity) -> Iterator[FakeGraph]:
     with FakeGraph(ca, managed_identity, DEMO_NOW, {TABLE: ROWS}) as server:
         yield server
 
@@ -91,7 +91,7 @@ def assert_no_secrets(identity: ManagedIdentityEndpoint, *texts: str) -> None:
 # --- the request on the wire ----------------------------------------------------------------------
 
 
-def test_posts_the_kql_unchanged_with_no_timespan_and_the_graph_token(source_for, fake, panorama9, managed_identity):  # noqa: F811
+def test_posts_the_kql_unchanged_with_no_timespan_and_the_graph_token(source_for, fake, panorama9, managed_identity):
     result = source_for().query(panorama9, DEMO_NOW)
     [request] = fake.requests
     assert request.method == "POST" and request.path == "/v1.0/security/runHuntingQuery"
@@ -111,7 +111,7 @@ def test_posts_the_kql_unchanged_with_no_timespan_and_the_graph_token(source_for
 
 
 def test_the_same_sightings_come_out_as_from_log_analytics_and_the_local_source(
-    ca, trust_ca, managed_identity, make_settings, data_dir, fake, panorama9  # noqa: F811
+    ca, trust_ca, managed_identity, make_settings, data_dir, fake, panorama9
 ):
     write_rows(data_dir, ROWS)
     with FakeLogAnalytics(ca, managed_identity, DEMO_NOW, {WS: {TABLE: ROWS}}) as log_analytics:
@@ -134,7 +134,7 @@ def test_the_same_sightings_come_out_as_from_log_analytics_and_the_local_source(
 
 @pytest.mark.parametrize("casing, dynamic_as", [("lower", "json"), ("upper", "json"), ("lower", "string"),
                                                 ("upper", "string")])
-def test_both_casings_and_both_forms_of_dynamic_are_read(ca, trust_ca, managed_identity, make_settings,  # noqa: F811
+def test_both_casings_and_both_forms_of_dynamic_are_read(ca, trust_ca, managed_identity, make_settings,
                                                          panorama9, casing, dynamic_as):
     with FakeGraph(ca, managed_identity, DEMO_NOW, {TABLE: ROWS}, casing=casing, dynamic_as=dynamic_as) as graph:
         source = DefenderSource(make_settings(QUERY_SOURCE="defender", GRAPH_ENDPOINT=graph.url))
@@ -250,7 +250,7 @@ def test_a_bad_query_is_named_and_not_retried(source_for, fake, panorama9):
 
 
 def test_a_trailing_slash_in_the_graph_endpoint_still_asks_for_the_right_scope(
-    make_settings, fake, panorama9, managed_identity  # noqa: F811
+    make_settings, fake, panorama9, managed_identity
 ):
     # GRAPH_ENDPOINT with a trailing slash: the scope must still be exactly {endpoint}/.default.
     source = DefenderSource(make_settings(QUERY_SOURCE="defender", GRAPH_ENDPOINT=fake.url + "/"))
@@ -262,7 +262,7 @@ def test_a_trailing_slash_in_the_graph_endpoint_still_asks_for_the_right_scope(
 
 
 def test_a_missing_permission_gets_403_and_the_permission_is_explained(source_for, fake, panorama9,
-                                                                      managed_identity, caplog):  # noqa: F811
+                                                                      managed_identity, caplog):
     caplog.set_level(logging.DEBUG)
     fake.permitted = False
     with pytest.raises(QueryError) as caught:
@@ -273,7 +273,7 @@ def test_a_missing_permission_gets_403_and_the_permission_is_explained(source_fo
     assert_no_secrets(managed_identity, text, caplog.text)
 
 
-def test_a_rejected_token_gets_401(source_for, fake, panorama9, managed_identity):  # noqa: F811
+def test_a_rejected_token_gets_401(source_for, fake, panorama9, managed_identity):
     fake.then(graph_error(401, "InvalidAuthenticationToken", "Access token validation failure. Invalid audience."))
     with pytest.raises(QueryError) as caught:
         source_for().query(panorama9, DEMO_NOW)
@@ -281,7 +281,7 @@ def test_a_rejected_token_gets_401(source_for, fake, panorama9, managed_identity
     assert len(fake.requests) == 1
 
 
-def test_no_managed_identity_token_is_a_clear_error(source_for, fake, panorama9, managed_identity):  # noqa: F811
+def test_no_managed_identity_token_is_a_clear_error(source_for, fake, panorama9, managed_identity):
     managed_identity.refuse = 400
     with pytest.raises(QueryError) as caught:
         source_for().query(panorama9, DEMO_NOW)
@@ -353,7 +353,7 @@ def posted(webhook_server) -> dict[str, dict[str, Any]]:
     return found
 
 
-def test_alerter_run_delivers_the_right_devices(app_settings, fake, webhook_server, managed_identity, capsys, caplog):  # noqa: F811
+def test_alerter_run_delivers_the_right_devices(app_settings, fake, webhook_server, managed_identity, capsys, caplog):
     caplog.set_level(logging.DEBUG)
     assert cli.main(["run"]) == 0
     sent = posted(webhook_server)

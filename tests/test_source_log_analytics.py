@@ -27,7 +27,7 @@ from alerter.sources import QueryError, create_source
 from alerter.sources.log_analytics import LogAnalyticsSource
 from tests.conftest import DEMO_NOW, PANORAMA9_ID, ROOT, cert_row
 from tests.support.http_server import Reply
-from tests.support.identity import ManagedIdentityEndpoint, managed_identity  # noqa: F401 - the fixture
+from tests.support.identity import ManagedIdentityEndpoint
 from tests.support.log_analytics import (
     FakeLogAnalytics,
     html_page,
@@ -69,7 +69,7 @@ def detection_with(query: str, base: Detection) -> Detection:
 
 
 @pytest.fixture
-def fake(ca, trust_ca, managed_identity) -> Iterator[FakeLogAnalytics]:  # noqa: F811
+def fake(ca, trust_ca, managed_identity) -> Iterator[FakeLogAnalytics]:
     workspaces = {WS_A: {TABLE: ROWS_A}, WS_B: {TABLE: ROWS_B}}
     with FakeLogAnalytics(ca, managed_identity, DEMO_NOW, workspaces) as server:
         yield server
@@ -114,7 +114,7 @@ def assert_no_secrets(identity: ManagedIdentityEndpoint, *texts: str) -> None:
 
 
 def test_sends_the_kql_unchanged_without_a_timespan_and_with_the_managed_identity_token(
-    source_for, fake, panorama9, managed_identity  # noqa: F811
+    source_for, fake, panorama9, managed_identity
 ):
     result = source_for().query(panorama9, DEMO_NOW)
 
@@ -274,7 +274,7 @@ def test_a_token_for_the_wrong_audience_gets_401_and_the_role_is_explained(sourc
     assert len(fake.requests) == 1
 
 
-def test_a_missing_role_gets_403_and_the_role_is_explained(source_for, fake, panorama9, managed_identity, caplog):  # noqa: F811
+def test_a_missing_role_gets_403_and_the_role_is_explained(source_for, fake, panorama9, managed_identity, caplog):
     caplog.set_level(logging.DEBUG)
     fake.denied.add(WS_A)
     with pytest.raises(QueryError) as caught:
@@ -285,7 +285,7 @@ def test_a_missing_role_gets_403_and_the_role_is_explained(source_for, fake, pan
     assert_no_secrets(managed_identity, text, caplog.text)
 
 
-def test_no_managed_identity_token_is_a_clear_error(source_for, fake, panorama9, managed_identity):  # noqa: F811
+def test_no_managed_identity_token_is_a_clear_error(source_for, fake, panorama9, managed_identity):
     managed_identity.refuse = 400  # App Service: no identity assigned to the app
     with pytest.raises(QueryError) as caught:
         source_for(LOG_ANALYTICS_WORKSPACE_ID=f"{WS_A},{WS_B}").query(panorama9, DEMO_NOW)
@@ -425,7 +425,7 @@ def posted_sightings(webhook_server) -> list[dict[str, Any]]:
 
 
 def test_alerter_run_delivers_the_right_devices_to_the_ledger_and_the_webhook(
-    app_settings, fake, webhook_server, managed_identity, capsys, caplog  # noqa: F811
+    app_settings, fake, webhook_server, managed_identity, capsys, caplog
 ):
     caplog.set_level(logging.DEBUG)
     assert cli.main(["run"]) == 0

@@ -8,23 +8,19 @@ HTTP status and the service's own error code and message, never a header.
 from __future__ import annotations
 
 import json
-import math
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
-from email.utils import parsedate_to_datetime
+from datetime import timedelta
 from typing import Any
 
+from alerter.http import RETRY_AFTER_MAX_SECONDS
 from alerter.sightings import as_utc
 from alerter.sources import QueryError
 
 QUERY_BUDGET_SHARE = 0.6
 """Share of RUN_BUDGET that all queries of a run may use, retries included; the rest is for delivery."""
 
-RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
-RETRY_AFTER_MAX_SECONDS = 60.0
-"""A Retry-After longer than this is not waited out inside a run: the run fails and the next tick retries."""
 MIN_BACKOFF_SECONDS = 1.0
 """The first retry waits this long (doubling after), so that a throttled service gets room to breathe."""
 
@@ -187,21 +183,3 @@ def limit_reason(service: str, rows: int, row_limit: int, size: int | None = Non
         )
     return None
 
-
-def parse_retry_after(value: str | None) -> float | None:
-    """Seconds from a Retry-After header: delta-seconds or an HTTP date; None when absent or unreadable."""
-    if value is None or not value.strip():
-        return None
-    try:
-        seconds = float(value.strip())
-    except ValueError:
-        try:
-            when = parsedate_to_datetime(value.strip())
-        except (TypeError, ValueError):
-            return None
-        if when.tzinfo is None:
-            when = when.replace(tzinfo=timezone.utc)
-        seconds = (when - datetime.now(timezone.utc)).total_seconds()
-    if math.isnan(seconds):
-        return None
-    return max(0.0, seconds)

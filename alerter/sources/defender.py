@@ -23,25 +23,21 @@ from datetime import datetime
 from typing import Any
 
 import requests
-from requests.adapters import HTTPAdapter
 from urllib3.exceptions import MaxRetryError, ResponseError
 from urllib3.util import Retry
 
-from alerter.http import HttpPolicy, session
+from alerter.http import RETRY_AFTER_MAX_SECONDS, RETRY_STATUSES, BoundedRetry, HttpPolicy, retry_after_seconds, session
 from alerter.links import Portals, advanced_hunting_link, device_link
 from alerter.model import Detection, Link
 from alerter.settings import Settings
 from alerter.sources import QueryError, QueryResult
 from alerter.sources._azure import (
     MIN_BACKOFF_SECONDS,
-    RETRY_AFTER_MAX_SECONDS,
-    RETRY_STATUSES,
     Deadline,
     backoff_seconds,
     credential_problem,
     default_credential,
     limit_reason,
-    parse_retry_after,
     typed_rows,
 )
 from alerter.urls import describe_url
@@ -58,15 +54,14 @@ PERMISSION_HINT = (
 )
 
 
-class BudgetRetry(Retry):
-    """urllib3's Retry that waits at least a second before a retry and refuses a wait that is longer
-    than RETRY_AFTER_MAX_SECONDS or than what is left of the run's query budget: the response
-    (429, 503 ...) then goes back to the caller, which fails the detection for this run."""
+class BudgetRetry(BoundedRetry):
+    """BoundedRetry that waits at least a second before a retry and refuses a wait longer than
+    what is left of the run's query budget: the response (429, 503 ...) then goes back to the
+    caller, which fails the detection for this run."""
 
     def __init__(self, *args: Any, deadline: Deadline | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.deadline = deadline
-        self.refusal = ""
 
     def new(self, **kw: Any) -> BudgetRetry:
         fresh = super().new(**kw)
@@ -79,16 +74,13 @@ class BudgetRetry(Retry):
 
     def increment(self, method: str | None = None, url: str | None = None, response: Any = None,
                   error: Exception | None = None, _pool: Any = None, _stacktrace: Any = None) -> Retry:
-        wait = None
-        if response is not None and self.respect_retry_after_header:
-            wait = parse_retry_after(response.headers.get("Retry-After"))
-            if wait is not None and wait > RETRY_AFTER_MAX_SECONDS:
-                raise MaxRetryError(_pool, url or "", ResponseError(
-                    f"Retry-After {wait:g} s is longer than a run waits ({RETRY_AFTER_MAX_SECONDS:g} s)"))
-        if wait is None:
-            wait = backoff_seconds(len(self.history) + 1, self.backoff_factor or MIN_BACKOFF_SECONDS, self.backoff_max)
-        if self.deadline is not None and wait + 1.0 > self.deadline.remaining():
-            raise MaxRetryError(_pool, url or "", ResponseError("the run's query budget (RUN_BUDGET) is used up"))
+        if self.deadline is not None:
+            wait = retry_after_seconds(response.headers.get("Retry-After")) if response is not None else None
+            if wait is None:
+                wait = backoff_seconds(len(self.history) + 1, self.backoff_factor or MIN_BACKOFF_SECONDS,
+                                       self.backoff_max)
+            if wait <= RETRY_AFTER_MAX_SECONDS and wait + 1.0 > self.deadline.remaining():
+                raise MaxRetryError(_pool, url or "", ResponseError("the run's query budget (RUN_BUDGET) is used up"))
         return super().increment(method, url, response, error, _pool, _stacktrace)
 
 
@@ -103,25 +95,8 @@ class DefenderSource:
         self.deadline = Deadline.after(settings.run_budget)
         self.policy = HttpPolicy(timeout=settings.http_timeout, retries=settings.http_retries,
                                  backoff_factor=MIN_BACKOFF_SECONDS)
-        self.http = session(self.policy)
-        retry = BudgetRetry(
-            total=self.policy.retries,
-            connect=self.policy.retries,
-            read=self.policy.retries,
-            status=self.policy.retries,
-            other=0,
-            allowed_methods=None,  # a hunting query changes nothing: repeating the POST is safe
-            status_forcelist=RETRY_STATUSES,
-            backoff_factor=MIN_BACKOFF_SECONDS,
-            backoff_max=RETRY_AFTER_MAX_SECONDS,
-            respect_retry_after_header=True,
-            retry_after_max=int(RETRY_AFTER_MAX_SECONDS),
-            raise_on_status=False,
-            deadline=self.deadline,
-        )
-        adapter = HTTPAdapter(max_retries=retry)
-        self.http.mount("https://", adapter)
-        self.http.mount("http://", adapter)
+        # A hunting query changes nothing: repeating the POST is safe.
+        self.http = session(self.policy, BudgetRetry, backoff_max=RETRY_AFTER_MAX_SECONDS, deadline=self.deadline)
         self.portals = Portals.for_endpoints(graph=self.endpoint)
         self._own_credential = credential is None
         self.credential = credential if credential is not None else default_credential()
@@ -219,7 +194,7 @@ class DefenderSource:
         if status in (401, 403):
             return f"{head}: {PERMISSION_HINT}"
         if status in RETRY_STATUSES:
-            wait = parse_retry_after(response.headers.get("Retry-After"))
+            wait = retry_after_seconds(response.headers.get("Retry-After"))
             if wait is not None and wait > RETRY_AFTER_MAX_SECONDS:
                 why = f"Retry-After {wait:g} s is longer than a run waits ({RETRY_AFTER_MAX_SECONDS:g} s)"
             elif self.deadline.remaining() < RETRY_AFTER_MAX_SECONDS:

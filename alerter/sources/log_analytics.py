@@ -36,14 +36,13 @@ from azure.core.exceptions import (
 from azure.core.pipeline.policies import RetryPolicy
 from azure.monitor.query import LogsQueryClient, LogsQueryPartialResult, LogsQueryResult
 
+from alerter.http import RETRY_AFTER_MAX_SECONDS, RETRY_STATUSES
 from alerter.links import Portals, advanced_hunting_link, device_link, log_analytics_link
 from alerter.model import Detection, Link
 from alerter.settings import Settings
 from alerter.sources import QueryError, QueryResult, Row
 from alerter.sources._azure import (
     MIN_BACKOFF_SECONDS,
-    RETRY_AFTER_MAX_SECONDS,
-    RETRY_STATUSES,
     Deadline,
     backoff_seconds,
     credential_problem,
