@@ -91,6 +91,7 @@ class Cycle:
         self.started = time.monotonic()
         self.detections: dict[str, Detection] = {}
         self.created_this_run: set[tuple[str, str]] = set()
+        self._notifiers: dict[str, Notifier] = {}
 
     @property
     def now(self) -> datetime:
@@ -143,8 +144,17 @@ class Cycle:
         finally:
             if store is not None:
                 store.close()
+            for notifier in self._notifiers.values():
+                notifier.close()
             report.seconds = time.monotonic() - self.started
         return report
+
+    def _notifier(self, channel: str) -> Notifier:
+        """One notifier per channel per run: a channel's rate limit (Teams: 4 a second) then
+        spans all its messages and the digest."""
+        if channel not in self._notifiers:
+            self._notifiers[channel] = create_notifier(channel, self.settings)
+        return self._notifiers[channel]
 
     def _open_store(self) -> Store | None:
         if not self.record and self.settings.state_store == "sqlite" and not self.settings.state_path.exists():
@@ -246,11 +256,7 @@ class Cycle:
             )
 
     def _chunk_size(self, channel: str) -> int:
-        notifier = create_notifier(channel, self.settings)
-        try:
-            return notifier.chunk_size
-        finally:
-            notifier.close()
+        return self._notifier(channel).chunk_size
 
     # --- delivery stage ----------------------------------------------------------------------
 
@@ -297,16 +303,13 @@ class Cycle:
         if self.dry_run:
             return
         for channel in self.settings.channels:
-            notifier = create_notifier(channel, self.settings)
             try:
-                notifier.send_digest(digest)
+                self._notifier(channel).send_digest(digest)
                 log.info("channel %s: daily digest sent", channel)
             except DeliveryError as error:
                 text = self.settings.redactor()(str(error))
                 self.report.problems.append(f"daily digest to {channel}: {text}")
                 log.error("channel %s: daily digest not sent: %s", channel, text)
-            finally:
-                notifier.close()
 
     def _for_messages(self, deliveries: Sequence[Delivery]) -> dict[str, Detection]:
         """Detections by id for building messages. A delivery still owed for a detection that is
@@ -334,51 +337,48 @@ class Cycle:
         )
         if not due:
             return
-        notifier: Notifier = create_notifier(channel, self.settings)
+        notifier = self._notifier(channel)
         budget = self.settings.run_budget.total_seconds()
         held_back = ""  # once set, the channel's remaining messages wait for the next run untouched
-        try:
-            for planned in plan_messages(due, notifier.chunk_size, self._for_messages(due), self.report.run):
-                outcome = self._detection_report(planned.message.detection.id).channel(channel)
-                if not held_back and time.monotonic() - self.started > budget:
-                    held_back = "run budget used up"
-                if held_back:
-                    # Not attempted, so not a failed attempt: they stay pending and due as they are.
-                    outcome.failed += len(planned.deliveries)
-                    if f"{held_back}; left pending for the next run" not in outcome.errors:
-                        outcome.errors.append(f"{held_back}; left pending for the next run")
-                    continue
-                owner = self.report.run.id
-                claimed = store.claim(planned.deliveries, owner, LEASE_SECONDS, self.now)
-                if not claimed:
-                    continue  # a concurrent run holds them and is sending
-                message = replace(planned.message, sightings=[d.sighting for d in claimed])
-                try:
-                    with LeaseKeeper(store, claimed, owner):
-                        notifier.send(message)
-                except DeliveryError as error:
-                    text = self.settings.redactor()(str(error))
-                    not_before = self.now + timedelta(seconds=error.retry_after) if error.retry_after else None
-                    failure = Failure(text, self.now, self.settings.retry_backoff_max, self.settings.give_up_after,
-                                      not_before)
-                    gave_up = store.mark_failed(claimed, failure, owner=owner)
-                    outcome.failed += len(claimed) - gave_up
-                    outcome.gave_up += gave_up
-                    outcome.errors.append(text)
-                    log.error(
-                        "channel %s: %s: %d deliveries of %s left pending for the next run",
-                        channel, text, len(claimed) - gave_up, message.detection.name,
-                    )
-                    # A channel that just failed most likely fails again: do not spend the run's
-                    # time budget on it while other channels wait.
-                    held_back = f"{channel} failed earlier in this run"
-                    continue
-                store.mark_sent(claimed, self.now)
-                outcome.sent += len(claimed)
-                log.info("channel %s: delivered %d sightings of %s (message %d of %d)", channel, len(claimed),
-                         message.detection.name, message.chunk_index, message.chunk_count)
-        finally:
-            notifier.close()
+        for planned in plan_messages(due, notifier.chunk_size, self._for_messages(due), self.report.run):
+            outcome = self._detection_report(planned.message.detection.id).channel(channel)
+            if not held_back and time.monotonic() - self.started > budget:
+                held_back = "run budget used up"
+            if held_back:
+                # Not attempted, so not a failed attempt: they stay pending and due as they are.
+                outcome.failed += len(planned.deliveries)
+                if f"{held_back}; left pending for the next run" not in outcome.errors:
+                    outcome.errors.append(f"{held_back}; left pending for the next run")
+                continue
+            owner = self.report.run.id
+            claimed = store.claim(planned.deliveries, owner, LEASE_SECONDS, self.now)
+            if not claimed:
+                continue  # a concurrent run holds them and is sending
+            message = replace(planned.message, sightings=[d.sighting for d in claimed])
+            try:
+                with LeaseKeeper(store, claimed, owner):
+                    notifier.send(message)
+            except DeliveryError as error:
+                text = self.settings.redactor()(str(error))
+                not_before = self.now + timedelta(seconds=error.retry_after) if error.retry_after else None
+                failure = Failure(text, self.now, self.settings.retry_backoff_max, self.settings.give_up_after,
+                                  not_before)
+                gave_up = store.mark_failed(claimed, failure, owner=owner)
+                outcome.failed += len(claimed) - gave_up
+                outcome.gave_up += gave_up
+                outcome.errors.append(text)
+                log.error(
+                    "channel %s: %s: %d deliveries of %s left pending for the next run",
+                    channel, text, len(claimed) - gave_up, message.detection.name,
+                )
+                # A channel that just failed most likely fails again: do not spend the run's
+                # time budget on it while other channels wait.
+                held_back = f"{channel} failed earlier in this run"
+                continue
+            store.mark_sent(claimed, self.now)
+            outcome.sent += len(claimed)
+            log.info("channel %s: delivered %d sightings of %s (message %d of %d)", channel, len(claimed),
+                     message.detection.name, message.chunk_index, message.chunk_count)
 
 
 class LeaseKeeper:

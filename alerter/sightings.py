@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from dataclasses import dataclass
@@ -99,9 +100,18 @@ def _union(existing: list[Any], more: Iterable[Any]) -> list[Any]:
     return existing
 
 
+DEVICE_KEY_CHARS_MAX = 256
+"""Keys are stored and compared everywhere; an endpoint's absurdly long name must not make one
+that a store cannot hold. Longer keys keep their start and a digest of the whole."""
+
+
 def device_key(device_id: str, device_name: str) -> str:
-    """DeviceId when there is one; otherwise the lower-cased name (interfaces.md)."""
-    return device_id if device_id else device_name.lower()
+    """DeviceId when there is one; otherwise the lower-cased name (interfaces.md), bounded."""
+    key = device_id if device_id else device_name.lower()
+    if len(key) <= DEVICE_KEY_CHARS_MAX:
+        return key
+    digest = hashlib.sha256(key.encode("utf-8", "replace")).hexdigest()[:32]
+    return f"{key[: DEVICE_KEY_CHARS_MAX - len(digest) - 1]}~{digest}"
 
 
 Row = Mapping[str, Any]

@@ -20,8 +20,9 @@ from notifiers.mail_smtp import SmtpTransport
 
 CHUNK_SIZE_SMTP = 10_000
 """A run's burst fits one mail: the CSV of 10,000 devices is about 3 MB."""
-CHUNK_SIZE_GRAPH = 5_000
-"""Graph takes at most 4 MB per request, attachments base64-encoded: half the SMTP size."""
+CHUNK_SIZE_GRAPH = 1_000
+"""Graph takes at most 4 MB per request, attachments base64-encoded: with CSV cells capped
+(mail_content.CSV_TEXT_MAX), 1,000 devices of the worst shape stay under it."""
 SMTP_CSV_MAX_BYTES = 8 * 1024 * 1024
 """Above this the CSV is attached zipped: relays commonly refuse mails over 10 to 35 MB."""
 
@@ -49,11 +50,18 @@ class EmailNotifier:
         """The mail; the CSV zipped when it would make the mail too large for the transport
         (a device with thousands of report ids makes long rows)."""
         content = mail_content(message)
+        if not self._too_large(content):
+            return content
+        zipped = mail_content(message, zip_csv=True)
+        if self._too_large(zipped):
+            # Loud rather than refused by the server on every run: the ledger keeps it pending.
+            raise DeliveryError(f"the mail for {len(message.sightings)} devices is too large even with the CSV zipped")
+        return zipped
+
+    def _too_large(self, content: MailContent) -> bool:
         if self.graph is not None:
-            too_large = len(request_body(content, self.recipients)) > REQUEST_MAX_BYTES
-        else:
-            too_large = len(content.csv or b"") > SMTP_CSV_MAX_BYTES
-        return mail_content(message, zip_csv=True) if too_large else content
+            return len(request_body(content, self.recipients)) > REQUEST_MAX_BYTES
+        return len(content.csv or b"") > SMTP_CSV_MAX_BYTES
 
     def render(self, message: Message) -> list[Rendered]:
         return self._render(self.content(message), f"email-{message.detection.id}-{message.chunk_index}")

@@ -31,7 +31,11 @@ CSV_COLUMNS = (
     "deviceName", "deviceId", "firstSeen", "lastSeen", "count", "realert",
     "deviceNames", "reportIds", "source", "links", "detectionId", "detectionName",
 )
-FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
+CSV_TEXT_MAX = 256
+"""Characters kept of an endpoint-supplied cell (names, ids): the mail must stay within the
+transport's size whatever a device calls itself; the webhook carries the full value."""
+CSV_REPORT_IDS_MAX = 50
+"""Report ids listed per device; the cell then says how many there were."""
 
 _environment = Environment(
     loader=FileSystemLoader(str(TEMPLATES)),
@@ -43,25 +47,44 @@ _environment = Environment(
 )
 
 
+_FORMULA_START = re.compile(r"(^|[;,\t\r\n])(?=[=+\-@\t\r])")
+
+
 def csv_cell(value: object) -> object:
-    """A cell a spreadsheet will not run: text starting with = + - @ (or tab, CR) gets a `'`."""
-    if isinstance(value, str) and value.startswith(FORMULA_PREFIXES):
-        return "'" + value
+    """A cell a spreadsheet will not run: text starting with = + - @ (or tab, CR) gets a `'`,
+    and so does such text after a `;` or `,` inside the cell, where Excel set up for another
+    list separator would start a new cell."""
+    if isinstance(value, str):
+        return _FORMULA_START.sub(r"\1'", value)
     return value
 
 
+def csv_text(value: str) -> str:
+    return value if len(value) <= CSV_TEXT_MAX else value[: CSV_TEXT_MAX - 1] + "…"
+
+
+def csv_report_ids(ids: list[object]) -> str:
+    shown = " ".join(str(r) for r in ids[:CSV_REPORT_IDS_MAX])
+    return shown if len(ids) <= CSV_REPORT_IDS_MAX else f"{shown} … ({len(ids)} in all)"
+
+
 def csv_bytes(view: MessageView) -> bytes:
-    """Every sighting of the message, in display order, as UTF-8 CSV with a BOM (for Excel)."""
+    """Every sighting of the message, in display order, as UTF-8 CSV with a BOM (for Excel).
+    Every cell is quoted: Excel set up for `;` lists would otherwise split a name at its `;`
+    and run what follows as a formula."""
     out = io.StringIO()
-    writer = csv.writer(out, lineterminator="\r\n")
+    writer = csv.writer(out, quoting=csv.QUOTE_ALL, lineterminator="\r\n")
     writer.writerow(CSV_COLUMNS)
     for device in view.devices:
         record = sighting_json(device.sighting)
         row = {
             **record,
+            "deviceName": csv_text(record["deviceName"]),
+            "deviceId": csv_text(record["deviceId"]),
+            "source": csv_text(record["source"]),
             "realert": "true" if record["realert"] else "false",
-            "deviceNames": "; ".join(str(n) for n in record["deviceNames"]),
-            "reportIds": " ".join(str(r) for r in record["reportIds"]),
+            "deviceNames": csv_text("; ".join(str(n) for n in record["deviceNames"])),
+            "reportIds": csv_report_ids(record["reportIds"]),
             # Links every device shares (the query) are in the body once, not on every row.
             "links": " ".join(link.url for link in device.links),
             "detectionId": view.detection_id,

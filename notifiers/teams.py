@@ -17,16 +17,14 @@ One POST per message: `{"type": "message", "attachments": [<Adaptive Card 1.4>]}
 
 from __future__ import annotations
 
-import inspect
 import json
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
-from urllib3.util import Retry
 
-from alerter.http import HttpCallError, HttpPolicy, post, session
+from alerter.http import BoundedRetry, HttpCallError, HttpPolicy, post, session
 from alerter.model import Digest, Message
 from alerter.settings import Settings
 from notifiers import DeliveryError, Rendered
@@ -219,17 +217,13 @@ class Throttle:
             self._next = now + self.interval
 
 
-class _ThrottledRetry(Retry):
-    """urllib3's Retry that also waits for the throttle before every retried attempt."""
+class _ThrottledRetry(BoundedRetry):
+    """The project's Retry (no long Retry-After slept in a run) that also waits for the throttle
+    before every retried attempt."""
 
-    throttle: Throttle | None = None
-
-    @classmethod
-    def adopt(cls, retry: Retry, throttle: Throttle) -> _ThrottledRetry:
-        names = [n for n in inspect.signature(Retry.__init__).parameters if n != "self" and hasattr(retry, n)]
-        adopted = cls(**{name: getattr(retry, name) for name in names})
-        adopted.throttle = throttle
-        return adopted
+    def __init__(self, *args: Any, throttle: Throttle | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.throttle = throttle
 
     def new(self, **kw: Any) -> _ThrottledRetry:
         fresh = super().new(**kw)
@@ -253,9 +247,7 @@ class TeamsNotifier:
         self.url = settings.teams_webhook_url
         self.policy = HttpPolicy(timeout=settings.http_timeout, retries=settings.http_retries)
         self.throttle = Throttle(REQUESTS_PER_SECOND, SPACING_MARGIN_SECONDS)
-        self._http = session(self.policy)
-        for adapter in self._http.adapters.values():
-            adapter.max_retries = _ThrottledRetry.adopt(adapter.max_retries, self.throttle)  # type: ignore[attr-defined]
+        self._http = session(self.policy, _ThrottledRetry, throttle=self.throttle)
 
     def body(self, message: Message) -> bytes:
         return encode(payload(message))

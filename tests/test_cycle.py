@@ -132,3 +132,17 @@ def test_a_delivery_owed_for_a_detection_no_longer_enabled_still_goes_out_with_i
     assert body["detection"]["name"] == "Remote Management and Monitoring tool - Panorama9 - File Signature"
     assert body["detection"]["techniques"] == ["T1219"]
     assert sorted(s["deviceId"] for s in body["sightings"]) == ["d1", "d2", "d3"]
+
+
+def test_a_device_with_an_absurdly_long_name_and_no_id_is_delivered_once(make_settings, data_dir, webhook_server):
+    """Its key (the lower-cased name) is bounded, so every store can hold it and find it again."""
+    name = "É" * 6000
+    write_rows(data_dir, [cert_row("", name, "2026-05-30T10:00:00Z"), cert_row("d2", "ws-2", "2026-05-30T10:00:00Z")])
+    settings = make_settings(WEBHOOK_URL=webhook_server.url + "/hook")
+    first = run_cycle(settings, now=DEMO_NOW)
+    assert first.ok and first.detections[0].channels["webhook"].sent == 2
+    names = sorted(s["deviceName"] for r in webhook_server.requests for s in r.json()["sightings"])
+    assert names == sorted([name, "ws-2"])  # the name itself travels whole
+    second = run_cycle(settings, now=DEMO_NOW + timedelta(hours=4))
+    assert second.ok and (second.detections[0].new, second.detections[0].known) == (0, 2)
+    assert len(webhook_server.requests) == 1

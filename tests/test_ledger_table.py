@@ -147,7 +147,8 @@ def test_a_sighting_larger_than_an_entity_is_trimmed_not_lost(store: TableStore,
     kept = record.sighting
     assert kept.device_name == names[0], "the display name survives whole"
     assert 1 <= len(kept.device_names) < len(names) and kept.device_names[0].startswith("0000")
-    assert kept.device_id == "dev-huge" and kept.report_ids
+    assert kept.device_id == "dev-huge"
+    assert kept.report_ids == list(range(150)) and kept.links == huge.links, "ours, not the attacker's: kept whole"
     assert len(store.due("webhook", NOW)) == 2
 
 

@@ -23,7 +23,16 @@ from alerter.model import Delivery, DeliveryStatus
 from notifiers import DeliveryError, create_notifier
 from notifiers.content import message_view
 from notifiers.email import CHUNK_SIZE_SMTP, EmailNotifier
-from notifiers.mail_content import CSV_COLUMNS, LIST_MAX, csv_cell, mail_content, mime_message
+from notifiers.mail_content import (
+    CSV_COLUMNS,
+    CSV_TEXT_MAX,
+    LIST_MAX,
+    csv_cell,
+    csv_report_ids,
+    csv_text,
+    mail_content,
+    mime_message,
+)
 from notifiers.webhook import sighting_json
 from tests.conftest import DEMO_NOW, cert_row, write_rows
 from tests.support.http_server import Reply
@@ -229,12 +238,12 @@ def test_the_csv_has_every_sighting_as_the_webhook_sends_it_and_no_formula(mail_
     assert len(rows) == len(sightings) == view.count
     for row, device in zip(rows, view.devices):
         record = sighting_json(device.sighting)
-        assert row["deviceName"] == csv_cell(record["deviceName"])
-        assert row["deviceId"] == record["deviceId"]
+        assert row["deviceName"] == csv_cell(csv_text(record["deviceName"]))
+        assert row["deviceId"] == csv_text(record["deviceId"])
         assert row["firstSeen"] == record["firstSeen"] and row["lastSeen"] == record["lastSeen"]
-        assert row["count"] == str(record["count"]) and row["source"] == record["source"]
+        assert row["count"] == str(record["count"]) and row["source"] == csv_text(record["source"])
         assert row["realert"] == ("true" if record["realert"] else "false")
-        assert row["reportIds"] == " ".join(str(r) for r in record["reportIds"])
+        assert row["reportIds"] == csv_report_ids(record["reportIds"])
         for value in row.values():
             assert not value.startswith(("=", "+", "-", "@", "\t", "\r")), value
     by_name = {row["deviceName"]: row for row in rows}
@@ -362,3 +371,28 @@ def test_a_zipped_csv_is_an_application_zip_attachment() -> None:
     with zipfile.ZipFile(io.BytesIO(attachment.get_content())) as archive:
         assert archive.read(content.csv_name[:-4]).decode("utf-8-sig").count("\r\n") == 4
     assert f"Attached: {content.csv_name}," in content.text
+
+
+def test_a_name_with_semicolons_cannot_become_a_formula_in_a_semicolon_excel() -> None:
+    """Excel in much of Europe splits a .csv on `;`, also inside a quoted cell that does not start
+    a `;`-separated field: text after a `;` or `,` that would start a formula is neutralized."""
+    import csv as csv_module
+
+    evil = "ws-1;=cmd|' /C calc'!A0;x"
+    content = mail_content(message([sighting(1, evil)]))
+    text = content.csv.decode("utf-8-sig")  # type: ignore[union-attr]
+    assert '"ws-1;\'=cmd|\' /C calc\'!A0;x"' in text  # quoted, and the formula after `;` neutralized
+    for row in csv_module.reader(io.StringIO(text), delimiter=";"):
+        assert not any(cell.startswith("=") for cell in row), row
+
+
+def test_endpoint_supplied_cells_are_capped_so_the_mail_keeps_its_size() -> None:
+    long_name = "n" * 5000
+    s = sighting(1, long_name)
+    s.device_names = [long_name] * 20
+    s.report_ids = list(range(1000))
+    content = mail_content(message([s]))
+    [row] = list(csv.DictReader(io.StringIO(content.csv.decode("utf-8-sig"))))  # type: ignore[union-attr]
+    assert len(row["deviceName"]) == CSV_TEXT_MAX and row["deviceName"].endswith("…")
+    assert len(row["deviceNames"]) == CSV_TEXT_MAX
+    assert row["reportIds"].endswith("… (1000 in all)")

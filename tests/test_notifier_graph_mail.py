@@ -134,8 +134,10 @@ def test_the_largest_graph_mail_stays_under_4_mb() -> None:
 
 
 def test_a_csv_too_large_for_one_request_is_zipped(graph, notifier) -> None:
-    sightings = many(2000)
+    sightings = many(3000)
     for s in sightings:
+        s.device_name = s.device_name + "-" + "x" * 300  # long names (cut to 256 in the CSV)
+        s.device_names = [s.device_name] * 3
         s.report_ids = list(range(10_000_000, 10_000_300))  # a device with hundreds of files
     notifier.send(message(sightings))
     [request] = graph.requests
@@ -145,5 +147,23 @@ def test_a_csv_too_large_for_one_request_is_zipped(graph, notifier) -> None:
     with zipfile.ZipFile(io.BytesIO(base64.b64decode(attachment["contentBytes"]))) as archive:
         [name] = archive.namelist()
         rows = archive.read(name).decode("utf-8-sig").split("\r\n")
-    assert name == attachment["name"][: -len(".zip")] and len(rows) == 2002  # header, 2,000 rows, final newline
+    assert name == attachment["name"][: -len(".zip")] and len(rows) == 3002  # header, 3,000 rows, final newline
     assert attachment["name"] in request.json()["message"]["body"]["content"]
+
+
+def test_a_chunk_of_the_worst_shape_still_fits_one_graph_request() -> None:
+    """Hostile devices with long random names (which do not compress) and 200 report ids each:
+    the capped CSV cells keep a full chunk under Graph's 4 MB."""
+    import random
+    import string
+
+    rng = random.Random(7)
+    sightings = many(CHUNK_SIZE_GRAPH)
+    for s in sightings:
+        s.device_name = "".join(rng.choices(string.ascii_letters, k=5000))
+        s.device_names = [s.device_name, s.device_name[::-1]]
+        s.report_ids = [rng.getrandbits(63) for _ in range(200)]
+    notifier_content = mail_content(message(sightings))
+    size = len(request_body(notifier_content, ("soc@contoso.com",)))
+    zipped = len(request_body(mail_content(message(sightings), zip_csv=True), ("soc@contoso.com",)))
+    assert min(size, zipped) < REQUEST_MAX_BYTES, (size, zipped)

@@ -376,3 +376,16 @@ def test_card_preview_renders_a_png(tmp_path) -> None:
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     width, height = struct.unpack(">II", png[16:24])
     assert width == 712 and 300 < height < 2000  # measured to fit the rendered card
+
+
+def test_a_retry_after_past_the_run_is_not_slept(https_server, teams) -> None:
+    https_server.default = Reply(429, headers={"Retry-After": "3600"})
+    notifier = teams(HTTP_RETRIES="2")
+    started = time.monotonic()
+    try:
+        with pytest.raises(DeliveryError) as caught:
+            notifier.send(message([sighting(1)]))
+    finally:
+        notifier.close()
+    assert time.monotonic() - started < 5 and len(https_server.requests) == 1
+    assert caught.value.retry_after == pytest.approx(3600, abs=5)

@@ -150,8 +150,13 @@ def _original(key: str, entity: dict[str, Any], prop: str) -> str:
 
 
 def _original_property(text: str) -> str:
-    """A hashed key's original text, as JSON: ASCII, so even lone surrogates come back exactly."""
-    return json.dumps(text)[:PART_CHARS]
+    """A hashed key's original text, as JSON: ASCII, so even lone surrogates come back exactly.
+    Device keys are bounded (alerter.sightings.DEVICE_KEY_CHARS_MAX) and detection ids are the
+    operator's; one that still does not fit is refused loudly, never cut (a cut key is a lost one)."""
+    encoded = json.dumps(text)
+    if len(encoded) > PART_CHARS:
+        raise LedgerError(f"a key of {len(text)} characters is too long to store (starts {text[:40]!r})")
+    return encoded
 
 
 # --- values -----------------------------------------------------------------------------------
@@ -169,30 +174,22 @@ def _utc(value: Any) -> datetime | None:
 
 
 TRIM_STEPS = ((64, 4_096, 65_536), (16, 4_096, 65_536), (4, 4_096, 16_384), (1, 1_024, 4_096), (1, 256, 1_024))
-"""(names kept, characters per kept name, characters of the display name and source) per step."""
+"""(names kept, characters per kept name, characters of the display name and id) per step."""
 
 
 def _fitted_sighting_json(sighting: Sighting) -> str:
-    """The sighting as JSON that fits the entity. Names come from endpoints: a hostile device
-    can carry thousands of long names. The ledger then keeps the first names (shortened), the
-    first links and report ids, and the display name whole unless it alone is too long."""
+    """The sighting as JSON that fits the entity. Names and ids come from endpoints: a hostile
+    device can carry thousands of long names. Only those strings are shortened, step by step;
+    the key (bounded), report ids (capped) and links (ours) are kept whole."""
     text = sighting_to_json(sighting)
     for names, name_chars, text_chars in TRIM_STEPS:
         if len(text) <= SIGHTING_CHARS_MAX:
             break
         text = sighting_to_json(replace(
             sighting,
+            device_id=sighting.device_id[:text_chars],
             device_name=sighting.device_name[:text_chars],
             device_names=[name[:name_chars] for name in sighting.device_names[:names]],
-            source=sighting.source[:text_chars],
-            links=sighting.links[:names],
-            report_ids=sighting.report_ids[:names],
-        ))
-    if len(text) > SIGHTING_CHARS_MAX:  # only ids of absurd length are left: keep their start
-        text = sighting_to_json(replace(
-            sighting, device_key=sighting.device_key[:1_024], device_id=sighting.device_id[:1_024],
-            device_name=sighting.device_name[:1_024], device_names=[], source=sighting.source[:1_024],
-            links=[], report_ids=[],
         ))
     return text
 
