@@ -11,7 +11,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from itertools import groupby
@@ -304,7 +304,7 @@ class Cycle:
             return
         for channel in self.settings.channels:
             try:
-                self._notifier(channel).send_digest(digest)
+                guarded(channel, lambda: self._notifier(channel).send_digest(digest))
                 log.info("channel %s: daily digest sent", channel)
             except DeliveryError as error:
                 text = self.settings.redactor()(str(error))
@@ -357,7 +357,7 @@ class Cycle:
             message = replace(planned.message, sightings=[d.sighting for d in claimed])
             try:
                 with LeaseKeeper(store, claimed, owner):
-                    notifier.send(message)
+                    guarded(channel, lambda: notifier.send(message))
             except DeliveryError as error:
                 text = self.settings.redactor()(str(error))
                 not_before = self.now + timedelta(seconds=error.retry_after) if error.retry_after else None
@@ -379,6 +379,19 @@ class Cycle:
             outcome.sent += len(claimed)
             log.info("channel %s: delivered %d sightings of %s (message %d of %d)", channel, len(claimed),
                      message.detection.name, message.chunk_index, message.chunk_count)
+
+
+def guarded(channel: str, call: Callable[[], None]) -> None:
+    """A notifier call whose every failure is a DeliveryError: a surprise inside one channel
+    (a bug, a library's odd exception) is recorded like any failed attempt and retried, instead
+    of ending the run with claims held and the other channels unserved."""
+    try:
+        call()
+    except DeliveryError:
+        raise
+    except Exception as error:
+        log.exception("channel %s: unexpected error", channel)
+        raise DeliveryError(f"{channel}: unexpected {type(error).__name__}: {error}") from None
 
 
 class LeaseKeeper:

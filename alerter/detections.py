@@ -67,6 +67,10 @@ def parse_detection(path: Path, display: str) -> Detection | DetectionProblem:
         if not isinstance(value, str) or not value.strip():
             what = "is missing" if value is None else "must be a non-empty string"
             return DetectionProblem(display, f"field '{key}' {what}")
+    for key in ("id", "name"):
+        if any(ord(ch) < 32 or 0x7F <= ord(ch) < 0xA0 for ch in str(document[key])):
+            # Ids and names go into mail headers, table keys and logs: one line of text each.
+            return DetectionProblem(display, f"field '{key}' must be one line without control characters")
     problems: list[DetectionProblem] = []
     tactics = _string_list(document.get("tactics"), display, "tactics", problems)
     techniques = _string_list(document.get("relevantTechniques"), display, "relevantTechniques", problems)

@@ -21,6 +21,9 @@ from notifiers import DeliveryError
 log = logging.getLogger(__name__)
 REPLY_TEXT_MAX = 200
 
+# smtplib would otherwise look up this host's FQDN in DNS for EHLO, with no timeout at all.
+HELO_NAME = socket.gethostname() or "localhost"
+
 
 def tls_context() -> ssl.SSLContext:
     context = ssl.create_default_context()
@@ -52,8 +55,9 @@ class SmtpTransport:
 
     def _connect(self) -> smtplib.SMTP:
         if self.security == "ssl":
-            return smtplib.SMTP_SSL(self.host, self.port, timeout=self.timeout, context=tls_context())
-        return smtplib.SMTP(self.host, self.port, timeout=self.timeout)
+            return smtplib.SMTP_SSL(self.host, self.port, timeout=self.timeout, context=tls_context(),
+                                    local_hostname=HELO_NAME)
+        return smtplib.SMTP(self.host, self.port, timeout=self.timeout, local_hostname=HELO_NAME)
 
     def send(self, mail: EmailMessage) -> None:
         where = self.where

@@ -146,3 +146,18 @@ def test_a_device_with_an_absurdly_long_name_and_no_id_is_delivered_once(make_se
     second = run_cycle(settings, now=DEMO_NOW + timedelta(hours=4))
     assert second.ok and (second.detections[0].new, second.detections[0].known) == (0, 2)
     assert len(webhook_server.requests) == 1
+
+
+def test_a_surprise_inside_a_notifier_is_a_failed_delivery_not_a_crashed_run():
+    from alerter.cycle import guarded
+    from notifiers import DeliveryError
+
+    def broken() -> None:
+        raise KeyError("a library's odd failure")
+
+    try:
+        guarded("teams", broken)
+    except DeliveryError as error:
+        assert str(error) == "teams: unexpected KeyError: \"a library's odd failure\""
+    else:
+        raise AssertionError("guarded() let the call's failure pass as a success")

@@ -66,6 +66,7 @@ def test_tactics_and_techniques_load_as_scalars_or_lists_and_unknown_keys_are_ke
         ("id: x\nname: Empty\nquery: ''\n", "field 'query' must be a non-empty string"),
         ("- just\n- a list\n", "must be a YAML mapping"),
         ("id: x\nname: Bad tactics\ntactics: {a: 1}\nquery: T\n", "field 'tactics' must be a string or a list"),
+        ('id: "x\\r\\nBcc: a@b.c"\nname: Header\nquery: T\n', "field 'id' must be one line without control characters"),
     ],
 )
 def test_a_bad_file_is_reported_with_its_path_and_the_others_still_load(tmp_path: Path, content: str, expected: str):
