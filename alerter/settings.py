@@ -23,7 +23,7 @@ from alerter.urls import is_loopback_host, url_problem
 QUERY_SOURCES = ("log_analytics", "defender", "local")
 STATE_STORES = ("table", "sqlite")
 SMTP_SECURITY = ("starttls", "ssl", "none")
-SECRET_SETTINGS = ("TEAMS_WEBHOOK_URL", "WEBHOOK_URL", "WEBHOOK_SECRET", "SMTP_PASSWORD", "STATE_CONNECTION")
+AMBIENT_SECRETS = ("IDENTITY_HEADER", "MSI_SECRET", "AZURE_CLIENT_SECRET", "AZURE_PASSWORD")
 _GUID = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
 _DURATION = re.compile(r"^\s*(\d+)\s*([smhdw])\s*$", re.IGNORECASE)
 _DURATION_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
@@ -103,8 +103,12 @@ class Settings:
         return tuple(configured)
 
     def redactor(self) -> Redactor:
+        # The credential's own secrets too (read by azure-identity from the environment), in case
+        # a library ever echoes one.
+        ambient = [os.environ.get(name) for name in AMBIENT_SECRETS]
         return Redactor(
-            [self.teams_webhook_url, self.webhook_url, self.webhook_secret, self.smtp_password, self.state_connection]
+            [self.teams_webhook_url, self.webhook_url, self.webhook_secret, self.smtp_password, self.state_connection,
+             *ambient]
         )
 
     @classmethod

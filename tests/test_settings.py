@@ -134,3 +134,10 @@ def test_the_sample_settings_file_lists_every_documented_setting():
     assert [name for name in documented if name not in sample] == []
     readme = (ROOT / "README.md").read_text()
     assert [name for name in sample if name.isupper() and f"`{name}`" not in readme] == []
+
+
+def test_the_credentials_own_secrets_are_masked_too(monkeypatch):
+    monkeypatch.setenv("IDENTITY_HEADER", "hdr-5f0c7b1e9a")
+    monkeypatch.setenv("AZURE_CLIENT_SECRET", "cs~8Q_Zt1pLmN")
+    redact = load().redactor()
+    assert redact("header hdr-5f0c7b1e9a secret cs~8Q_Zt1pLmN") == "header *** secret ***"
