@@ -242,9 +242,12 @@ class Cycle:
         return dr
 
     def _realert_due(self, record: KnownDevice) -> bool:
-        """Reported, nothing owed, and last notified at least REALERT_AFTER ago."""
+        """Reported, nothing owed on a configured channel, last notified at least REALERT_AFTER ago.
+        (A delivery left pending for a channel since removed does not hold re-alerts back.)"""
         after = self.settings.realert_after
-        if after is None or record.owed or record.last_notified_at is None:
+        if after is None or record.last_notified_at is None:
+            return False
+        if record.owed_channels & set(self.settings.channels):
             return False
         return self.now - record.last_notified_at >= after
 

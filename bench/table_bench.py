@@ -34,7 +34,7 @@ from azure.core.exceptions import ResourceNotFoundError  # noqa: E402
 from alerter import ledger  # noqa: E402
 from alerter.cycle import run_cycle  # noqa: E402
 from alerter.ledger import KnownDevice  # noqa: E402
-from alerter.ledger.table import LAST_SENT, STATUSES, TableStore, _parse_statuses, _utc, table_key  # noqa: E402
+from alerter.ledger.table import LAST_SENT, STATUSES, TableStore, known_device, table_key  # noqa: E402
 from alerter.model import RunReport  # noqa: E402
 from alerter.settings import Settings  # noqa: E402
 from tests.support.azurite import AzuriteServer  # noqa: E402
@@ -81,8 +81,7 @@ class NaiveTableStore(CountingTableStore):
                 entity = self._table.get_entity(partition, table_key(key)[0], select=[STATUSES, LAST_SENT])
             except ResourceNotFoundError:
                 continue
-            owed = "pending" in _parse_statuses(entity.get(STATUSES)).values()
-            found[key] = KnownDevice(key, _utc(entity.get(LAST_SENT)), owed)
+            found[key] = known_device(key, entity)
         return found
 
 

@@ -14,6 +14,7 @@ from alerter.sightings import to_sightings
 from alerter.sources.local import LocalSource
 from alerter.suppressions import SuppressionError, load_suppressions
 from tests.conftest import DEMO_NOW, PANORAMA9_ID, ROOT, cert_row, write_rows
+from tests.support.http_server import Reply
 
 P9_NAME = "Remote Management and Monitoring tool - Panorama9 - File Signature"
 
@@ -196,3 +197,21 @@ def test_the_daily_digest_says_alive_and_what_was_checked_when_nothing_is_new(ma
     }]
     run_cycle(settings, now=DEMO_NOW + timedelta(hours=5))  # 16:00: no second digest
     assert len(webhook_server.requests) == 2
+
+
+def test_a_delivery_left_pending_for_a_removed_channel_does_not_hold_re_alerts_back(
+    make_settings, data_dir, webhook_server, https_server
+):
+    write_rows(data_dir, [cert_row("d1", "ws-1", "2026-05-30T10:00:00Z")])
+    https_server.default = Reply(503)  # Teams is down on the first run...
+    both = make_settings(WEBHOOK_URL=webhook_server.url + "/hook", TEAMS_WEBHOOK_URL=https_server.url + "/teams",
+                         REALERT_AFTER="30d", HTTP_RETRIES="0")
+    run_cycle(both, now=DEMO_NOW)
+    assert len(webhook_server.requests) == 1
+    # ...and is then removed from the settings, its delivery still pending in the ledger.
+    webhook_only = make_settings(WEBHOOK_URL=webhook_server.url + "/hook", REALERT_AFTER="30d")
+    later = DEMO_NOW + timedelta(days=30)
+    write_rows(data_dir, [cert_row("d1", "ws-1", "2026-06-29T10:00:00Z")])
+    report = run_cycle(webhook_only, now=later)
+    assert report.detections[0].realerts == 1
+    assert webhook_server.requests[-1].json()["sightings"][0]["realert"] is True

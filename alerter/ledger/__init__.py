@@ -39,8 +39,12 @@ class KnownDevice:
     device_key: str
     last_notified_at: datetime | None
     """The latest `sent_at` over its channels; re-alerting counts from here."""
-    owed: bool
-    """A delivery for it is still pending: no re-alert is queued on top of it."""
+    owed_channels: frozenset[str] = frozenset()
+    """Channels with a delivery for it still pending: no re-alert is queued on top of those."""
+
+    @property
+    def owed(self) -> bool:
+        return bool(self.owed_channels)
 
 
 @dataclass
@@ -76,8 +80,8 @@ class Store(Protocol):
     ) -> int:
         """Make a pending delivery per channel again (re-alert), refreshing the stored sighting.
         With `sent_before`, decided again under the store's own atomicity: only a device with no
-        pending delivery whose last notification is not later than it, so two overlapping runs
-        re-alert a device once. Returns how many devices were requeued."""
+        pending delivery on these channels whose last notification is not later than it, so two
+        overlapping runs re-alert a device once. Returns how many devices were requeued."""
         ...
 
     def due(self, channel: str, now: datetime) -> list[Delivery]:

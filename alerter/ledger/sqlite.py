@@ -138,7 +138,8 @@ class SqliteStore:
 
     def known(self, detection_id: str) -> dict[str, KnownDevice]:
         rows = self._read(
-            "SELECT d.device_key, MAX(v.sent_at) AS last_sent, MAX(v.status = 'pending') AS owed "
+            "SELECT d.device_key, MAX(v.sent_at) AS last_sent, "
+            "GROUP_CONCAT(CASE WHEN v.status = 'pending' THEN v.channel END) AS owed "
             "FROM devices d LEFT JOIN deliveries v USING (detection_id, device_key) "
             "WHERE d.detection_id = ? GROUP BY d.device_key",
             (detection_id,),
@@ -146,7 +147,7 @@ class SqliteStore:
         # Times were written by iso(): fromisoformat reads them back as aware datetimes, fast.
         parse = datetime.fromisoformat
         return {
-            key: KnownDevice(key, parse(last_sent) if last_sent else None, bool(owed))
+            key: KnownDevice(key, parse(last_sent) if last_sent else None, frozenset((owed or "").split(",")) - {""})
             for key, last_sent, owed in rows
         }
 
@@ -185,12 +186,14 @@ class SqliteStore:
         with self._write() as db:
             if sent_before is not None:
                 # Decided again under the write lock: a racing run may have re-alerted first.
+                marks = ", ".join("?" * len(channels))
                 eligible = {
                     r[0]
                     for r in db.execute(
                         "SELECT device_key FROM deliveries WHERE detection_id = ? GROUP BY device_key "
-                        "HAVING MAX(status = 'pending') = 0 AND COALESCE(MAX(sent_at), '') <= ?",
-                        (detection_id, iso(sent_before)),
+                        f"HAVING MAX(status = 'pending' AND channel IN ({marks})) = 0 "
+                        "AND COALESCE(MAX(sent_at), '') <= ?",
+                        (detection_id, *channels, iso(sent_before)),
                     )
                 }
                 sightings = [s for s in sightings if s.device_key in eligible]

@@ -247,6 +247,13 @@ def _derived(entity: dict[str, Any]) -> dict[str, Any]:
     return derived
 
 
+def known_device(key: str, entity: dict[str, Any]) -> KnownDevice:
+    """What known() tells of a device, from its summary properties alone."""
+    statuses = _parse_statuses(entity.get(STATUSES))
+    owed = frozenset(c for c, status in statuses.items() if status == DeliveryStatus.PENDING.value)
+    return KnownDevice(key, _utc(entity.get(LAST_SENT)), owed)
+
+
 def _pending_fields(channel: str, now: datetime) -> dict[str, Any]:
     return {
         _field(channel, "status"): DeliveryStatus.PENDING.value,
@@ -528,8 +535,7 @@ class TableStore:
             select=["RowKey", STATUSES, LAST_SENT, DEVICE_KEY],
         ):
             key = _original(entity["RowKey"], entity, DEVICE_KEY)
-            owed = "pending" in _parse_statuses(entity.get(STATUSES)).values()
-            result[key] = KnownDevice(key, _utc(entity.get(LAST_SENT)), owed)
+            result[key] = known_device(key, entity)
         return result
 
     def add_new(
@@ -586,9 +592,10 @@ class TableStore:
             def edit(entity: dict[str, Any]) -> bool:
                 if sent_before is not None:
                     # Decided again on the entity the ETag guards: a racing run may have re-alerted.
-                    statuses = _parse_statuses(entity.get(STATUSES)).values()
+                    statuses = _parse_statuses(entity.get(STATUSES))
                     last_sent = _utc(entity.get(LAST_SENT))
-                    if "pending" in statuses or (last_sent is not None and last_sent > sent_before):
+                    owed = any(statuses.get(c) == DeliveryStatus.PENDING.value for c in channels)
+                    if owed or (last_sent is not None and last_sent > sent_before):
                         return False
                 entity.update(_sighting_properties(sighting))
                 for channel in channels:
