@@ -45,6 +45,18 @@ EXPECTED = ["d-alpha", "d-bravo", "d-lower", "no-id-pc"]
 
 
 @pytest.fixture
+def state_values(request: pytest.FixtureRequest, tmp_path) -> dict[str, str]:
+    """The source tests do not touch the ledger: SQLite only, unless a test asks for both stores
+    (the end-to-end tests below do)."""
+    if getattr(request, "param", "sqlite") == "sqlite":
+        return {"STATE_STORE": "sqlite", "STATE_PATH": str(tmp_path / "state.db")}
+    return dict(request.getfixturevalue("table_state_values"))
+
+
+BOTH_STORES = pytest.mark.parametrize("state_values", ["sqlite", "table"], indirect=True)
+
+
+@pytest.fixture
 def panorama9() -> Detection:
     [detection] = [d for d in load_detections(ROOT / "detections", ()).detections if d.id == PANORAMA9_ID]
     return detection
@@ -353,6 +365,7 @@ def posted(webhook_server) -> dict[str, dict[str, Any]]:
     return found
 
 
+@BOTH_STORES
 def test_alerter_run_delivers_the_right_devices(app_settings, fake, webhook_server, managed_identity, capsys, caplog):
     caplog.set_level(logging.DEBUG)
     assert cli.main(["run"]) == 0
@@ -369,6 +382,7 @@ def test_alerter_run_delivers_the_right_devices(app_settings, fake, webhook_serv
     assert len(webhook_server.requests) == 1
 
 
+@BOTH_STORES
 def test_the_timer_function_delivers_the_right_devices(app_settings, fake, webhook_server):
     from azure.functions.timer import TimerRequest
 
@@ -380,6 +394,7 @@ def test_the_timer_function_delivers_the_right_devices(app_settings, fake, webho
     assert sorted(posted(webhook_server)) == ["NO-ID-PC", "d-alpha", "d-bravo", "d-lower"]
 
 
+@BOTH_STORES
 def test_the_timer_function_fails_loudly_without_the_permission(app_settings, fake, webhook_server, caplog):
     from azure.functions.timer import TimerRequest
 

@@ -57,6 +57,18 @@ ROWS_B = [
 
 
 @pytest.fixture
+def state_values(request: pytest.FixtureRequest, tmp_path: Path) -> dict[str, str]:
+    """The source tests do not touch the ledger: SQLite only, unless a test asks for both stores
+    (the end-to-end tests below do)."""
+    if getattr(request, "param", "sqlite") == "sqlite":
+        return {"STATE_STORE": "sqlite", "STATE_PATH": str(tmp_path / "state.db")}
+    return dict(request.getfixturevalue("table_state_values"))
+
+
+BOTH_STORES = pytest.mark.parametrize("state_values", ["sqlite", "table"], indirect=True)
+
+
+@pytest.fixture
 def panorama9() -> Detection:
     loaded = load_detections(ROOT / "detections", ())
     [detection] = [d for d in loaded.detections if d.id == PANORAMA9_ID]
@@ -424,6 +436,7 @@ def posted_sightings(webhook_server) -> list[dict[str, Any]]:
     return found
 
 
+@BOTH_STORES
 def test_alerter_run_delivers_the_right_devices_to_the_ledger_and_the_webhook(
     app_settings, fake, webhook_server, managed_identity, capsys, caplog
 ):
@@ -447,6 +460,7 @@ def test_alerter_run_delivers_the_right_devices_to_the_ledger_and_the_webhook(
     assert "0 new" in capsys.readouterr().out
 
 
+@BOTH_STORES
 def test_a_partial_result_is_delivered_and_the_run_exits_1(app_settings, fake, webhook_server, caplog):
     fake.partial_error = partial_error("Query execution has exceeded the allowed limits (E_RUNAWAY_QUERY)")
     assert cli.main(["run"]) == 1
@@ -454,6 +468,7 @@ def test_a_partial_result_is_delivered_and_the_run_exits_1(app_settings, fake, w
     assert "E_RUNAWAY_QUERY" in caplog.text and "incomplete" in caplog.text
 
 
+@BOTH_STORES
 def test_a_failed_query_sends_nothing_and_loses_nothing(app_settings, fake, webhook_server, caplog):
     fake.then(html_page(200), html_page(200))
     assert cli.main(["run"]) == 1
@@ -464,6 +479,7 @@ def test_a_failed_query_sends_nothing_and_loses_nothing(app_settings, fake, webh
     assert len(posted_sightings(webhook_server)) == 3
 
 
+@BOTH_STORES
 def test_a_refused_query_names_its_detection_and_does_not_silence_the_others(
     app_settings, fake, webhook_server, tmp_path, monkeypatch, capsys, caplog
 ):
@@ -484,6 +500,7 @@ def test_a_refused_query_names_its_detection_and_does_not_silence_the_others(
     assert len(refused) == 1  # not retried, not repeated for the second workspace
 
 
+@BOTH_STORES
 def test_the_timer_function_delivers_the_right_devices(app_settings, fake, webhook_server, monkeypatch):
     from azure.functions.timer import TimerRequest
 
@@ -499,6 +516,7 @@ def test_the_timer_function_delivers_the_right_devices(app_settings, fake, webho
     }
 
 
+@BOTH_STORES
 def test_the_timer_function_fails_loudly_when_the_role_is_missing(app_settings, fake, webhook_server, caplog):
     from azure.functions.timer import TimerRequest
 
@@ -513,6 +531,7 @@ def test_the_timer_function_fails_loudly_when_the_role_is_missing(app_settings, 
     assert "Log Analytics Reader" in caplog.text
 
 
+@BOTH_STORES
 def test_the_webhook_payload_is_json(app_settings, webhook_server):
     assert cli.main(["run"]) == 0
     body = webhook_server.requests[0].body
