@@ -179,6 +179,19 @@ def test_values_are_typed_by_the_declared_schema(source_for, fake, panorama9):
     assert second["IsTrusted"] is None and second["Report"] == []
 
 
+@pytest.mark.parametrize("kind, value", [
+    ("Int64", "--1"), ("Int64", "\u00b2"), ("Int64", "9" * 5000),
+    ("DateTime", "9999-12-31T23:59:59-01:00"), ("DateTime", "0001-01-01T00:00:00+01:00"),
+    ("Object", "[" * 100_000 + "]" * 100_000),
+], ids=["double-minus", "superscript-two", "5000-digits", "past-9999-in-utc", "before-year-1", "nested-too-deep"])
+def test_a_cell_that_is_not_its_declared_type_fails_the_detection_clearly(source_for, fake, panorama9, kind, value):
+    fake.then(Reply(200, {"schema": [{"name": "DeviceId", "type": "String"}, {"name": "X", "type": kind}],
+                          "results": [{"DeviceId": "d1", "X": value}]}))
+    with pytest.raises(QueryError) as caught:
+        source_for().query(panorama9, DEMO_NOW)
+    assert "advanced hunting result: row 1, column X" in str(caught.value)
+
+
 def test_a_result_at_the_100000_row_cap_is_reported_as_possibly_cut(source_for, fake, panorama9):
     fake.row_limit = 3  # the service cuts silently at 100,000; the check is the same
     source = source_for()

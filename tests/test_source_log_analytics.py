@@ -30,8 +30,10 @@ from tests.support.http_server import Reply
 from tests.support.identity import ManagedIdentityEndpoint
 from tests.support.log_analytics import (
     FakeLogAnalytics,
+    answer,
     html_page,
     partial_error,
+    result_table,
     throttled,
     truncated,
     unavailable,
@@ -195,6 +197,34 @@ def test_columns_are_typed_by_their_declared_kusto_types(source_for, fake, panor
     assert second["LastSeen"].isoformat() == "2026-05-29T23:59:59.999999+00:00"
     sightings, _ = to_sightings(result.batches)
     assert [s.device_key for s in sightings] == ["d1", "d2"]
+
+
+def test_null_guid_and_timespan_cells_stay_null(source_for, fake, panorama9):
+    """azure-monitor-query writes every guid and timespan cell with str(), a null one as "None": read
+    back as text it would merge every device without an id under the key "None"."""
+    fake.then(answer(result_table(
+        [("DeviceId", "guid"), ("DeviceName", "string"), ("Dwell", "timespan")],
+        [[None, "PC-1", None], [None, "PC-2", None],
+         ["0b6e5a3c-1d2f-4a8b-9c0d-1e2f3a4b5c6d", "PC-3", "01:02:03"]],
+    )))
+    result = source_for().query(panorama9, DEMO_NOW)
+    [(_, rows)] = result.batches
+    assert rows[0]["DeviceId"] is None and rows[0]["Dwell"] is None
+    assert rows[2]["DeviceId"] == "0b6e5a3c-1d2f-4a8b-9c0d-1e2f3a4b5c6d" and rows[2]["Dwell"] == "01:02:03"
+    assert sorted(devices(result)) == ["0b6e5a3c-1d2f-4a8b-9c0d-1e2f3a4b5c6d", "pc-1", "pc-2"]
+
+
+@pytest.mark.parametrize("kind, value", [
+    ("long", "--1"), ("long", "\u00b2"), ("long", "9" * 5000), ("long", 1.5),
+    ("datetime", "9999-12-31T23:59:59-01:00"), ("datetime", "0001-01-01T00:00:00+01:00"), ("datetime", "soon"),
+    ("dynamic", "[" * 100_000 + "]" * 100_000),
+], ids=["double-minus", "superscript-two", "5000-digits", "fraction", "past-9999-in-utc", "before-year-1",
+        "not-a-time", "nested-too-deep"])
+def test_a_cell_that_is_not_its_declared_type_fails_the_detection_clearly(source_for, fake, panorama9, kind, value):
+    fake.then(answer(result_table([("DeviceId", "string"), ("X", kind)], [["d1", value]])))
+    with pytest.raises(QueryError) as caught:
+        source_for().query(panorama9, DEMO_NOW)
+    assert f"row 1, column X ({kind})" in str(caught.value) and WS_A in str(caught.value)
 
 
 # --- partial results and limits -------------------------------------------------------------------

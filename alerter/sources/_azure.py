@@ -8,6 +8,7 @@ HTTP status and the service's own error code and message, never a header.
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -99,18 +100,42 @@ class ValueProblem(ValueError):
     pass
 
 
+_WHOLE_NUMBER = re.compile(r"-?[0-9]{1,19}")
+"""A Kusto long as text: ASCII digits only (str.isdigit() accepts '²' and other digits int() refuses),
+at most 19 of them (a long has 19), so that a hostile cell cannot make int() parse thousands."""
+
+_NULL_TEXT = "None"
+"""azure-monitor-query turns every guid and timespan cell into text with str(), a null one too:
+it arrives as "None", which no guid or timespan can be."""
+
+
 def kusto_value(kind: str, value: Any) -> Any:
     """One cell as Python: datetime -> aware UTC datetime, dynamic -> decoded JSON, long/int -> int,
-    bool -> bool, real -> float; null stays None."""
+    bool -> bool, real -> float; null stays None. Anything the conversion cannot take (a
+    datetime past year 9999 in UTC, digits Python will not read, JSON nested too deep) is a
+    ValueProblem, never another exception."""
     if value is None:
         return None
+    try:
+        return _convert(kind, value)
+    except ValueProblem:
+        raise
+    except (ValueError, TypeError, OverflowError, RecursionError) as error:
+        raise ValueProblem(f"not a {kind}: {_sample(value)} ({type(error).__name__})") from None
+
+
+def _sample(value: Any) -> str:
+    try:
+        return repr(str(value)[:40])
+    except Exception:  # noqa: BLE001 - str() of a hostile value: describe it by its type only
+        return type(value).__name__
+
+
+def _convert(kind: str, value: Any) -> Any:
     if kind == "datetime":
         if value == "":
             return None
-        try:
-            return as_utc(value)
-        except (ValueError, TypeError):
-            raise ValueProblem(f"not a datetime: {str(value)[:40]!r}") from None
+        return as_utc(value)
     if kind == "dynamic":
         if isinstance(value, str):
             try:
@@ -125,9 +150,9 @@ def kusto_value(kind: str, value: Any) -> Any:
             return value
         if isinstance(value, float) and value.is_integer():
             return int(value)
-        if isinstance(value, str) and value.strip().lstrip("-").isdigit():
-            return int(value)
-        raise ValueProblem(f"not a whole number: {str(value)[:40]!r}")
+        if isinstance(value, str) and _WHOLE_NUMBER.fullmatch(value.strip()):
+            return int(value.strip())
+        raise ValueProblem(f"not a whole number: {_sample(value)}")
     if kind == "bool":
         if isinstance(value, bool):
             return value
@@ -135,15 +160,15 @@ def kusto_value(kind: str, value: Any) -> Any:
             return bool(value)
         if isinstance(value, str) and value.lower() in ("true", "false", "1", "0"):
             return value.lower() in ("true", "1")
-        raise ValueProblem(f"not a bool: {str(value)[:40]!r}")
+        raise ValueProblem(f"not a bool: {_sample(value)}")
     if kind == "real":
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            raise ValueProblem(f"not a number: {str(value)[:40]!r}") from None
-    if kind in ("guid", "timespan", "decimal"):
+        return float(value)
+    if kind in ("guid", "timespan"):
+        text = str(value)
+        return None if text == _NULL_TEXT else text
+    if kind == "decimal":
         return str(value)
     return value
 
@@ -155,6 +180,10 @@ def typed_rows(
     kinds = [(name, kusto_type(kind)) for name, kind in columns]
     out: list[dict[str, Any]] = []
     for number, row in enumerate(rows, start=1):
+        if isinstance(row, (str, bytes)) or not isinstance(row, (Mapping, list, tuple)):
+            raise QueryError(f"{where}: row {number} is not a row ({type(row).__name__})")
+        if not isinstance(row, Mapping) and len(row) > len(kinds):
+            raise QueryError(f"{where}: row {number} has {len(row)} values for {len(kinds)} columns")
         record: dict[str, Any] = {}
         for index, (name, kind) in enumerate(kinds):
             if isinstance(row, Mapping):

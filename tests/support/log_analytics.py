@@ -22,6 +22,7 @@ partial error with `fake.partial_error = partial_error(...)`.
 
 from __future__ import annotations
 
+import gzip
 import json
 import re
 import threading
@@ -384,3 +385,22 @@ def rows_of(answer_table: dict[str, Any]) -> Iterator[dict[str, Any]]:
     names = [c["name"] for c in answer_table["columns"]]
     for row in answer_table["rows"]:
         yield dict(zip(names, row))
+
+
+# --- scripted answers --------------------------------------------------------------------------
+
+
+def result_table(columns: list[tuple[str, str]], rows: list[list[Any]], name: str = "PrimaryResult") -> dict[str, Any]:
+    """One table of a scripted answer, on the wire as the service writes it."""
+    return {"name": name, "columns": [{"name": n, "type": t} for n, t in columns], "rows": rows}
+
+
+def answer(*tables: dict[str, Any]) -> Reply:
+    """A scripted 200 answer with these tables."""
+    return Reply(200, {"tables": list(tables)}, {"Content-Type": "application/json; charset=utf-8"})
+
+
+def gzipped(document: Any) -> Reply:
+    """A 200 answer compressed on the wire (`Content-Encoding: gzip`), as the service sends a big one."""
+    body = gzip.compress(json.dumps(document).encode("utf-8"), mtime=0)
+    return Reply(200, body, {"Content-Type": "application/json; charset=utf-8", "Content-Encoding": "gzip"})
