@@ -262,6 +262,21 @@ def test_retries_stop_at_the_runs_query_budget(source_for, fake, panorama9):
     assert "RUN_BUDGET" in str(caught.value)
 
 
+def test_every_attempt_waits_only_as_long_as_the_budget_has_left(source_for, fake, panorama9):
+    """RUN_BUDGET=6s: queries may use 3.6 s. A 503 after 0.5 s, a retry after 1 s, then a service that
+    takes 5 s: the retry's read timeout is what is left (2.1 s), not the first attempt's 3.6 s."""
+    busy = graph_error(503, "ServiceUnavailable", "busy")
+    busy.delay = 0.5
+    slow = Reply(200, {"schema": [{"name": "DeviceId", "type": "String"}], "results": [{"DeviceId": "d1"}]}, delay=5)
+    fake.then(busy, slow)
+    started = time.monotonic()
+    with pytest.raises(QueryError) as caught:
+        source_for(RUN_BUDGET="6s", HTTP_RETRIES="3").query(panorama9, DEMO_NOW)
+    assert time.monotonic() - started < 4.3
+    assert len(fake.requests) == 2  # and no third attempt: nothing is left to make it with
+    assert "RUN_BUDGET" in str(caught.value) and "the next run retries" in str(caught.value)
+
+
 # --- errors that retrying does not fix ------------------------------------------------------------
 
 
@@ -322,6 +337,13 @@ def test_a_malformed_answer_is_a_clear_error(source_for, fake, panorama9, reply)
     with pytest.raises(QueryError) as caught:
         source_for().query(panorama9, DEMO_NOW)
     assert "not JSON" in str(caught.value)
+
+
+def test_json_nested_deeper_than_python_decodes_is_a_clear_error(source_for, fake, panorama9):
+    fake.then(Reply(200, '{"schema": ' + "[" * 100_000 + "]" * 100_000 + "}", {"Content-Type": "application/json"}))
+    with pytest.raises(QueryError) as caught:
+        source_for().query(panorama9, DEMO_NOW)
+    assert "JSON nested too deep to read" in str(caught.value)
 
 
 def test_an_answer_without_schema_and_results_is_refused(source_for, fake, panorama9):

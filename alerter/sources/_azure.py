@@ -25,6 +25,10 @@ QUERY_BUDGET_SHARE = 0.6
 MIN_BACKOFF_SECONDS = 1.0
 """The first retry waits this long (doubling after), so that a throttled service gets room to breathe."""
 
+MIN_ATTEMPT_SECONDS = 1.0
+"""A retry is made only if, after its wait, at least this much of the query budget is left for the
+attempt itself (whose timeouts are then cut to what is left)."""
+
 
 @dataclass
 class Deadline:

@@ -10,7 +10,8 @@ stream the Device* tables into Sentinel; `Timestamp` is native here.
 - The HTTP session is the project's (alerter.http): bounded timeouts, urllib3's Retry for 429
   (with the quota's Retry-After), 5xx and dropped connections; here its Retry is the budgeted
   one below, which never waits past the run's query budget nor longer than a minute for one
-  Retry-After (the CPU quota resets every 15 minutes: the next run retries instead).
+  Retry-After (the CPU quota resets every 15 minutes: the next run retries instead), and every
+  attempt's connect and read timeouts are cut to what is left of the budget (BudgetTimeout).
 - Both casings of the answer (`schema`/`results` and `Schema`/`Results`, `name`/`Name`) are read.
 - 100,000 rows is the service's cap: a result that reaches it is reported as possibly cut.
 """
@@ -24,7 +25,7 @@ from typing import Any
 
 import requests
 from urllib3.exceptions import MaxRetryError, ResponseError
-from urllib3.util import Retry
+from urllib3.util import Retry, Timeout
 
 from alerter.http import RETRY_AFTER_MAX_SECONDS, RETRY_STATUSES, BoundedRetry, HttpPolicy, retry_after_seconds, session
 from alerter.links import Portals, advanced_hunting_link, device_link
@@ -32,6 +33,7 @@ from alerter.model import Detection, Link
 from alerter.settings import Settings
 from alerter.sources import QueryError, QueryResult
 from alerter.sources._azure import (
+    MIN_ATTEMPT_SECONDS,
     MIN_BACKOFF_SECONDS,
     Deadline,
     backoff_seconds,
@@ -55,9 +57,10 @@ PERMISSION_HINT = (
 
 
 class BudgetRetry(BoundedRetry):
-    """BoundedRetry that waits at least a second before a retry and refuses a wait longer than
-    what is left of the run's query budget: the response (429, 503 ...) then goes back to the
-    caller, which fails the detection for this run."""
+    """BoundedRetry that waits at least a second before a retry and refuses a retry whose wait
+    leaves less than MIN_ATTEMPT_SECONDS of the run's query budget for the attempt itself (whose
+    timeouts BudgetTimeout cuts to what is left): the response (429, 503 ...) or the error then
+    goes back to the caller, which fails the detection for this run."""
 
     def __init__(self, *args: Any, deadline: Deadline | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -79,9 +82,26 @@ class BudgetRetry(BoundedRetry):
             if wait is None:
                 wait = backoff_seconds(len(self.history) + 1, self.backoff_factor or MIN_BACKOFF_SECONDS,
                                        self.backoff_max)
-            if wait <= RETRY_AFTER_MAX_SECONDS and wait + 1.0 > self.deadline.remaining():
+            if wait <= RETRY_AFTER_MAX_SECONDS and wait + MIN_ATTEMPT_SECONDS > self.deadline.remaining():
                 raise MaxRetryError(_pool, url or "", ResponseError("the run's query budget (RUN_BUDGET) is used up"))
         return super().increment(method, url, response, error, _pool, _stacktrace)
+
+
+class BudgetTimeout(Timeout):
+    """urllib3's Timeout, cut for every attempt to what is left of the run's query budget.
+
+    urllib3 clones the request's Timeout for every attempt, retries included; this clone takes
+    the connect and read timeouts as they are, but never longer than the budget has left then.
+    (A read timeout bounds each wait for data, so a body trickled byte by byte can still run a
+    little over; a service that answers late, the common case, cannot.)"""
+
+    def __init__(self, *, connect: float, read: float, deadline: Deadline) -> None:
+        super().__init__(connect=connect, read=read)
+        self.deadline = deadline
+
+    def clone(self) -> Timeout:
+        left = max(MIN_ATTEMPT_SECONDS / 10, self.deadline.remaining())
+        return Timeout(connect=min(float(self._connect), left), read=min(float(self._read), left))
 
 
 class DefenderSource:
@@ -114,6 +134,10 @@ class DefenderSource:
             raise QueryError(
                 f"Microsoft Graph at {self.where} answered with something that is not JSON (an HTML error page or a "
                 "cut-off body); nothing was taken from it, the next run retries"
+            ) from None
+        except RecursionError:
+            raise QueryError(
+                f"Microsoft Graph at {self.where} answered with JSON nested too deep to read; nothing was taken from it"
             ) from None
         if not isinstance(answer, dict):
             raise QueryError(f"Microsoft Graph at {self.where} answered with JSON that is not a hunting result")
@@ -159,13 +183,15 @@ class DefenderSource:
     def _post(self, detection: Detection) -> requests.Response:
         token = self._token()
         body = json.dumps({"Query": detection.query}).encode("utf-8")
-        read_timeout = min(self.policy.timeout + QUERY_WAIT_SECONDS, max(1.0, self.deadline.remaining()))
+        # requests hands a urllib3 Timeout through as it is; urllib3 clones it for every attempt.
+        timeout = BudgetTimeout(connect=self.policy.timeout, read=self.policy.timeout + QUERY_WAIT_SECONDS,
+                                deadline=self.deadline)
         try:
             response = self.http.post(
                 self.url,
                 data=body,
                 headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json; charset=utf-8"},
-                timeout=(self.policy.timeout, read_timeout),
+                timeout=timeout,
             )
         except requests.exceptions.RetryError as error:
             raise QueryError(f"advanced hunting at {self.where}: gave up retrying ({_reason(error)}); "
