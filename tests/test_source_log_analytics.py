@@ -31,6 +31,7 @@ from tests.support.identity import ManagedIdentityEndpoint
 from tests.support.log_analytics import (
     FakeLogAnalytics,
     answer,
+    gzipped,
     html_page,
     partial_error,
     result_table,
@@ -227,6 +228,28 @@ def test_a_cell_that_is_not_its_declared_type_fails_the_detection_clearly(source
     assert f"row 1, column X ({kind})" in str(caught.value) and WS_A in str(caught.value)
 
 
+def test_every_result_table_is_read(source_for, fake, panorama9):
+    fake.then(answer(
+        result_table([("DeviceId", "string")], [["d1"]]),
+        result_table([("DeviceName", "string"), ("Count", "long")], [["PC-2", 3]], name="Table_1"),
+    ))
+    result = source_for().query(panorama9, DEMO_NOW)
+    found = devices(result)
+    assert sorted(found) == ["d1", "pc-2"] and found["pc-2"].count == 3  # each table typed by its own columns
+    assert result.incomplete == []
+
+
+def test_a_later_table_without_a_device_column_is_reported_not_dropped(source_for, fake, panorama9):
+    fake.then(answer(
+        result_table([("DeviceId", "string")], [["d1"]]),
+        result_table([("Note", "string")], [["a"], ["b"]], name="Table_1"),
+    ))
+    result = source_for().query(panorama9, DEMO_NOW)
+    assert sorted(devices(result)) == ["d1"]
+    [reason] = result.incomplete
+    assert "result table 2 (Table_1) has no DeviceId or DeviceName column" in reason and "2 rows" in reason
+
+
 # --- partial results and limits -------------------------------------------------------------------
 
 
@@ -248,6 +271,32 @@ def test_a_result_at_the_row_limit_is_reported_as_possibly_cut(source_for, fake,
     assert len(devices(result)) == 2
     [reason] = result.incomplete
     assert "returned 2 rows" in reason and "limit is 2" in reason
+
+
+def test_the_size_limit_is_compared_with_the_bytes_on_the_wire(source_for, fake, panorama9):
+    """The service's ~64 MB limit counts the compressed answer: a big, well-compressed answer is not
+    near it, however long it is once decompressed."""
+    document = {"tables": [result_table([("DeviceId", "string"), ("Note", "string")],
+                                        [[f"d{i % 7}", "x" * 200] for i in range(2000)])]}
+    plain = len(json.dumps(document).encode("utf-8"))
+    packed = len(gzipped(document).body)
+    assert packed * 10 < plain
+    source = source_for()
+    source.size_limit = plain  # the decompressed answer is at this "limit", the wire bytes far under it
+    fake.then(gzipped(document))
+    result = source.query(panorama9, DEMO_NOW)
+    assert sorted(devices(result)) == [f"d{i}" for i in range(7)] and result.incomplete == []
+    source.size_limit = packed  # now the bytes on the wire reach it
+    fake.then(gzipped(document))
+    [reason] = source.query(panorama9, DEMO_NOW).incomplete
+    assert "MB" in reason and "may be cut" in reason
+
+
+def test_an_uncompressed_answer_is_measured_as_sent(source_for, fake, panorama9):
+    source = source_for()
+    source.size_limit = 100  # the seed query's answer is a few hundred bytes
+    [reason] = source.query(panorama9, DEMO_NOW).incomplete
+    assert "may be cut" in reason
 
 
 # --- throttling and outages -----------------------------------------------------------------------
@@ -293,6 +342,28 @@ def test_retries_stop_at_the_runs_query_budget(source_for, fake, panorama9):
     assert time.monotonic() - started < 3
     assert len(fake.requests) == 1
     assert "RUN_BUDGET" in str(caught.value)
+
+
+def test_a_slow_answer_is_not_waited_for_past_the_runs_query_budget(source_for, fake, panorama9):
+    """azure-core cuts only the connection timeout to its budget; the read timeout (HTTP_TIMEOUT plus
+    the service's 3 minutes) is cut here, for every attempt, and no retry starts without time left."""
+    replies = [answer(result_table([("DeviceId", "string")], [["d1"]])) for _ in range(4)]
+    for reply in replies:
+        reply.delay = 4.0
+    fake.then(*replies)
+    started = time.monotonic()
+    with pytest.raises(QueryError) as caught:
+        source_for(RUN_BUDGET="3s", HTTP_RETRIES="3").query(panorama9, DEMO_NOW)  # queries may use 1.8 s
+    assert time.monotonic() - started < 2.8
+    assert len(fake.requests) == 1
+    assert "no answer in time" in str(caught.value) and "RUN_BUDGET" in str(caught.value)
+    assert "the next run retries" in str(caught.value)
+
+
+def test_the_services_own_wait_is_cut_to_the_budget(source_for, fake, panorama9):
+    source_for(RUN_BUDGET="20s").query(panorama9, DEMO_NOW)  # queries may use 12 s
+    wait = int(fake.requests[0].headers["Prefer"].removeprefix("wait="))
+    assert 10 <= wait <= 12
 
 
 # --- errors that retrying does not fix ------------------------------------------------------------
@@ -343,6 +414,27 @@ def test_a_malformed_answer_is_a_clear_error_and_gives_no_rows(source_for, fake,
     with pytest.raises(QueryError) as caught:
         source_for().query(panorama9, DEMO_NOW)
     assert "not the query API's JSON" in str(caught.value)
+
+
+@pytest.mark.parametrize("body", [
+    {"tables": [{"name": "P", "columns": [{"name": "DeviceId", "type": "string"}], "rows": None}]},
+    {"tables": [{"name": "P", "columns": [{"name": "DeviceId"}], "rows": [["d"]]}]},
+    {"tables": [{"name": "P", "columns": [{"name": "DeviceId", "type": "string"}], "rows": [["d", "extra"]]}]},
+    {"tables": {"name": "P"}},
+    {"tables": [{"name": "P", "columns": [{"name": "DeviceId", "type": "string"}], "rows": [["d"]]}],
+     "error": "PartialError"},
+    [],
+    "null",
+    '{"tables": ' + "[" * 100_000 + "]" * 100_000 + "}",
+], ids=["rows-null", "column-without-type", "row-longer-than-columns", "tables-an-object", "error-a-string",
+        "a-json-array", "json-null", "nested-too-deep"])
+def test_json_of_another_shape_is_a_clear_error_and_gives_no_rows(source_for, fake, panorama9, body):
+    fake.then(Reply(200, body, {"Content-Type": "application/json"}))
+    with pytest.raises(QueryError) as caught:
+        source_for().query(panorama9, DEMO_NOW)
+    text = str(caught.value)
+    assert WS_A in text and "HTTP 200" in text and "nothing was taken from it" in text
+    assert "not a query result" in text or "not the query API's JSON" in text
 
 
 def test_an_html_error_page_with_a_5xx_is_retried_then_reported(source_for, fake, panorama9):
@@ -403,6 +495,63 @@ def test_a_workspace_without_the_role_does_not_hide_the_other_workspaces_devices
     assert sorted(devices(result)) == ["d-alpha", "d-bravo"]
     [reason] = result.incomplete
     assert WS_B in reason and "Log Analytics Reader" in reason
+
+
+@pytest.mark.parametrize("lacking", [WS_A, WS_B])
+def test_a_workspace_without_the_table_does_not_hide_the_other_workspaces_devices(
+    ca, trust_ca, managed_identity, make_settings, panorama9, lacking
+):
+    """Only one workspace streams DeviceFileCertificateInfo: the other answers 400 (SemanticError).
+    That is this workspace's failure, reported with the service's message; the other's rows count."""
+    having = WS_B if lacking == WS_A else WS_A
+    workspaces = {lacking: {"Heartbeat": [{"Computer": "x", "TimeGenerated": "2026-05-31T00:00:00Z"}]},
+                  having: {TABLE: ROWS_B}}
+    with FakeLogAnalytics(ca, managed_identity, DEMO_NOW, workspaces) as server:
+        source = LogAnalyticsSource(make_settings(QUERY_SOURCE="log_analytics", LOG_ANALYTICS_ENDPOINT=server.url,
+                                                  LOG_ANALYTICS_WORKSPACE_ID=f"{WS_A},{WS_B}"))
+        try:
+            result = source.query(panorama9, DEMO_NOW)
+        finally:
+            source.close()
+    assert len(server.requests) == 2
+    found = devices(result)
+    assert sorted(found) == ["d-bravo", "d-charlie"] and found["d-charlie"].source == f"log_analytics:{having}"
+    [reason] = result.incomplete
+    assert lacking in reason and "HTTP 400" in reason and "BadArgumentError" in reason
+    assert TABLE in reason  # the service's own message names what this workspace lacks
+    assert "fix the detection's KQL" not in reason
+
+
+def test_one_workspace_without_the_table_fails_the_detection(ca, trust_ca, managed_identity, make_settings,
+                                                              panorama9):
+    with FakeLogAnalytics(ca, managed_identity, DEMO_NOW, {WS_A: {"Heartbeat": [{"Computer": "x"}]}}) as server:
+        source = LogAnalyticsSource(make_settings(QUERY_SOURCE="log_analytics", LOG_ANALYTICS_ENDPOINT=server.url,
+                                                  LOG_ANALYTICS_WORKSPACE_ID=WS_A))
+        try:
+            with pytest.raises(QueryError) as caught:
+                source.query(panorama9, DEMO_NOW)
+        finally:
+            source.close()
+    assert len(server.requests) == 1
+    assert WS_A in str(caught.value) and "HTTP 400" in str(caught.value) and "BadArgumentError" in str(caught.value)
+
+
+def test_a_combined_query_that_fails_falls_back_to_each_workspace(source_for, fake, panorama9):
+    """A 403 on one workspace fails the combined request; asked on its own, the other still answers."""
+    fake.denied.add(WS_B)
+    by_workspace = detection_with(panorama9.query.rstrip() + ", TenantId\n", panorama9)
+    result = source_for(LOG_ANALYTICS_WORKSPACE_ID=f"{WS_A},{WS_B}").query(by_workspace, DEMO_NOW)
+    assert [r.json()["workspaces"] for r in fake.requests] == [[WS_B], None, None]
+    assert sorted(devices(result)) == ["d-alpha", "d-bravo"]
+    [reason] = result.incomplete
+    assert WS_B in reason and "HTTP 403" in reason
+
+
+def test_a_combined_query_with_a_syntax_error_is_not_asked_again(source_for, fake, panorama9):
+    broken = detection_with("DeviceFileCertificateInfo | where ( | project TenantId", panorama9)
+    with pytest.raises(QueryError) as caught:
+        source_for(LOG_ANALYTICS_WORKSPACE_ID=f"{WS_A},{WS_B}").query(broken, DEMO_NOW)
+    assert len(fake.requests) == 1 and "fix the detection's KQL" in str(caught.value)
 
 
 # --- links and the registry -----------------------------------------------------------------------
@@ -527,7 +676,9 @@ def test_a_refused_query_names_its_detection_and_does_not_silence_the_others(
     assert "Hunting a table this workspace lacks" in caplog.text and "unknown-table.yaml" in caplog.text
     assert sorted(s["deviceId"] for s in posted_sightings(webhook_server)) == ["d-alpha", "d-bravo", "d-charlie"]
     refused = [body for body in fake.bodies() if body["query"].startswith("NoSuchTable")]
-    assert len(refused) == 1  # not retried, not repeated for the second workspace
+    # A table one workspace lacks may be in another: each is asked once, neither is retried.
+    assert len(refused) == 2
+    assert "semantic error" in caplog.text and "fix the detection's KQL" not in caplog.text
 
 
 @BOTH_STORES

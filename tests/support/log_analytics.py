@@ -13,11 +13,14 @@ Kusto types on the wire: datetime as ISO 8601 with 7 fractional digits, dynamic 
 long/int/real as numbers, bool as true/false, null as null. Like the real service it adds
 `TenantId` (the workspace id) and `TimeGenerated` to every row, applies a `timespan` to
 `TimeGenerated` (so a client that sends one really cuts the window), unions the rows of
-`workspaces`, and answers 400 BadArgumentError for a query it cannot run, 401 without the
-managed identity's token, 403 for a workspace the identity may not read, 404 for an unknown one.
+`workspaces`, and answers 400 BadArgumentError for a query it cannot run (inner error
+SyntaxError when the KQL does not parse, SemanticError for a table or column the workspace does
+not have, nested as the service nests them), 401 without the managed identity's token, 403 for a
+workspace the identity may not read, 404 for an unknown one.
 
-Faults are scripted with `fake.server.then(Reply(...))` (see the helpers at the bottom), a
-partial error with `fake.partial_error = partial_error(...)`.
+Faults are scripted with `fake.then(Reply(...))` (see the helpers at the bottom: `answer` and
+`result_table` for an answer of one's own, `gzipped` for one compressed on the wire), a partial
+error with `fake.partial_error = partial_error(...)`.
 """
 
 from __future__ import annotations
@@ -102,7 +105,13 @@ def kusto_datetime(value: datetime) -> str:
 
 
 class KqlError(Exception):
-    """The engine could not run the query: the fake answers 400 with this text."""
+    """The engine could not run the query: the fake answers 400 with this text. `kind` is the
+    service's inner error code: SyntaxError (the KQL does not parse, in any workspace) or
+    SemanticError (a table or column this workspace does not have)."""
+
+    def __init__(self, message: str, kind: str = "SemanticError") -> None:
+        super().__init__(message)
+        self.kind = kind
 
 
 @dataclass
@@ -128,8 +137,10 @@ class HuntingData:
                 cursor = duckdb_kql.execute(con, query, query_now=now)
                 description = cursor.description or []
                 fetched = cursor.fetchall()
+            except duckdb_kql.KqlSyntaxError as error:
+                raise KqlError(" ".join(str(error).split())[:300], "SyntaxError") from None
             except (duckdb_kql.KqlError, duckdb.Error) as error:
-                raise KqlError(" ".join(str(error).split())[:300]) from None
+                raise KqlError(" ".join(str(error).split())[:300], "SemanticError") from None
             columns = [(d[0], _kusto_type_of_duck(str(d[1]))) for d in description]
             out = []
             for values in fetched:
@@ -213,10 +224,22 @@ def parse_timespan(text: str, now: datetime) -> tuple[datetime, datetime]:
     return start, end
 
 
-def service_error(status: int, code: str, message: str, inner: str | None = None) -> Reply:
+_INNER = {
+    # The service's wording: a general inner error, and the engine's own message nested under it.
+    "SyntaxError": ("A recognition error occurred in the query.", "SYN0002"),
+    "SemanticError": ("A semantic error occurred.", "SEM0100"),
+}
+
+
+def service_error(status: int, code: str, message: str, inner: str | None = None,
+                  inner_code: str = "SyntaxError") -> Reply:
+    """The query API's error body. With `inner`, a 400 as the service nests it:
+    innererror {code: SyntaxError | SemanticError, message, innererror {code: SYN.../SEM..., message: inner}}."""
     error: dict[str, Any] = {"message": message, "code": code, "correlationId": "00000000-0000-0000-0000-000000000001"}
     if inner:
-        error["innererror"] = {"code": "SyntaxError", "message": inner}
+        general, engine_code = _INNER.get(inner_code, (inner_code, inner_code))
+        error["innererror"] = {"code": inner_code, "message": general,
+                               "innererror": {"code": engine_code, "message": inner}}
     return Reply(status, {"error": error})
 
 
@@ -302,7 +325,8 @@ class FakeLogAnalytics:
         try:
             answer = data.run(body["query"], self.now, time_filter=time_filter)
         except KqlError as error:
-            return service_error(400, "BadArgumentError", "The request had some invalid properties", str(error))
+            return service_error(400, "BadArgumentError", "The request had some invalid properties", str(error),
+                                 error.kind)
         with self._lock:
             self.answers.append((workspace, body, len(answer.rows)))
         document: dict[str, Any] = {"tables": [wire_table(answer)]}
