@@ -6,7 +6,8 @@ text: an endpoint only selects one of the fixed portals below (a sovereign cloud
 
 Formats (checked against Microsoft's own links; see docs/sources.md):
 
-- Defender device page: `https://security.microsoft.com/machines/<DeviceId>`.
+- Defender device page: `https://security.microsoft.com/machines/<DeviceId>`, only for a DeviceId
+  that is a Defender machine id (40 hex digits): any other text could steer the path (`..`).
 - Advanced hunting with the query pre-filled:
   `https://security.microsoft.com/v2/advanced-hunting?query=<q>&timeRangeId=month`, where `<q>` is
   the KQL as UTF-16LE, gzip-compressed, base64url-encoded without padding (the portal's own
@@ -41,9 +42,20 @@ HUNTING_TITLE = "Query in advanced hunting"
 LOG_ANALYTICS_TITLE = "Query in Log Analytics"
 
 # Known service hosts -> their portals. Anything else (a test server, a proxy) gets the public cloud.
+# Defender portals of the US government clouds: GCC High and DoD (Defender for Endpoint's
+# "Portal URLs" for US Government customers); GCC uses the commercial portal.
+DEFENDER_PORTAL_GCC_HIGH = "https://security.microsoft.us"
+DEFENDER_PORTAL_DOD = "https://security.apps.mil"
 _GRAPH_TO_DEFENDER = {
     "graph.microsoft.com": DEFENDER_PORTAL,
-    "graph.microsoft.us": "https://security.microsoft.us",
+    "graph.microsoft.us": DEFENDER_PORTAL_GCC_HIGH,
+    "dod-graph.microsoft.us": DEFENDER_PORTAL_DOD,
+}
+# When GRAPH_ENDPOINT is left at the public cloud, the Defender portal follows the Log Analytics
+# endpoint's cloud, so that a sovereign-cloud Sentinel never gets public-cloud Defender links.
+# (Azure Government's Log Analytics serves GCC High and DoD alike: DoD sets GRAPH_ENDPOINT.)
+_LOG_ANALYTICS_TO_DEFENDER = {
+    "api.loganalytics.us": DEFENDER_PORTAL_GCC_HIGH,
 }
 _LOG_ANALYTICS_TO_AZURE = {
     "api.loganalytics.io": AZURE_PORTAL,
@@ -51,6 +63,7 @@ _LOG_ANALYTICS_TO_AZURE = {
     "api.loganalytics.us": "https://portal.azure.us",
     "api.loganalytics.azure.cn": "https://portal.azure.cn",
 }
+_DEFENDER_MACHINE_ID = re.compile(r"[0-9a-fA-F]{40}")
 _WORKSPACE_RESOURCE_ID = re.compile(
     r"^/subscriptions/[0-9a-fA-F-]{36}/resourceGroups/[-\w._()]{1,90}"
     r"/providers/Microsoft\.OperationalInsights/workspaces/[-A-Za-z0-9]{4,63}$",
@@ -65,11 +78,13 @@ class Portals:
 
     @classmethod
     def for_endpoints(cls, *, log_analytics: str | None = None, graph: str | None = None) -> Portals:
-        """Pick the portals of the cloud the endpoints belong to, from the fixed tables above."""
-        return cls(
-            defender=_GRAPH_TO_DEFENDER.get(_host(graph), DEFENDER_PORTAL),
-            azure=_LOG_ANALYTICS_TO_AZURE.get(_host(log_analytics), AZURE_PORTAL),
-        )
+        """Pick the portals of the cloud the endpoints belong to, from the fixed tables above: the
+        Defender portal from GRAPH_ENDPOINT when it names a sovereign cloud, otherwise from the Log
+        Analytics endpoint's cloud, otherwise the public cloud's."""
+        defender = _GRAPH_TO_DEFENDER.get(_host(graph), DEFENDER_PORTAL)
+        if defender == DEFENDER_PORTAL:
+            defender = _LOG_ANALYTICS_TO_DEFENDER.get(_host(log_analytics), DEFENDER_PORTAL)
+        return cls(defender=defender, azure=_LOG_ANALYTICS_TO_AZURE.get(_host(log_analytics), AZURE_PORTAL))
 
 
 def _host(url: str | None) -> str:
@@ -103,9 +118,16 @@ def encode_log_analytics_query(query: str) -> str:
 # --- URLs ----------------------------------------------------------------------------------------
 
 
+def is_defender_machine_id(value: str) -> bool:
+    """A Defender for Endpoint machine id (DeviceId): 40 hexadecimal digits."""
+    return bool(_DEFENDER_MACHINE_ID.fullmatch((value or "").strip()))
+
+
 def defender_device_url(device_id: str, portal: str = DEFENDER_PORTAL) -> str | None:
+    """None unless `device_id` is a Defender machine id: a result's DeviceId is the data's text, and
+    other text (`..`, an id from another product) would open the wrong page or none."""
     device_id = (device_id or "").strip()
-    if not device_id:
+    if not is_defender_machine_id(device_id):
         return None
     return f"{portal}/machines/{quote(device_id, safe='')}"
 

@@ -24,6 +24,7 @@ from alerter.model import Detection
 from alerter.sources.local import LocalSource
 from tests.conftest import DEMO_NOW, cert_row, write_rows
 
+MACHINE_ID = "5f0b3c9e2a7d41e8b6c4a3f2e1d0c9b8a7f6e5d4"  # a Defender DeviceId: 40 hex digits
 QUERY = (
     "let Time_start = now(-5d);\n//\nDeviceFileCertificateInfo\n| where Signer has 'Panorama9'\n"
     "| summarize Report=make_set(ReportId) by DeviceId, DeviceName // naïve ünicode + / = & # ?\n"
@@ -44,10 +45,21 @@ def decode_log_analytics(segment: str) -> str:
 # --- Defender ------------------------------------------------------------------------------------
 
 
-def test_device_page_escapes_the_id():
-    assert defender_device_url("4f1c0a9e2d") == "https://security.microsoft.com/machines/4f1c0a9e2d"
-    assert defender_device_url("../../v2/x?y=1#z") == "https://security.microsoft.com/machines/..%2F..%2Fv2%2Fx%3Fy%3D1%23z"
-    assert defender_device_url("  ") is None and device_link("") is None
+def test_device_page_is_linked_for_a_defender_machine_id():
+    assert defender_device_url(MACHINE_ID) == f"https://security.microsoft.com/machines/{MACHINE_ID}"
+    assert defender_device_url(f" {MACHINE_ID.upper()} ") == f"https://security.microsoft.com/machines/{MACHINE_ID.upper()}"
+    assert device_link(MACHINE_ID).url == defender_device_url(MACHINE_ID)
+
+
+@pytest.mark.parametrize("device_id", [
+    "", "  ", "..", ".", "../../v2/x?y=1#z", "%2e%2e", "4f1c0a9e2d", MACHINE_ID[:-1], MACHINE_ID + "0",
+    MACHINE_ID[:-1] + "g", MACHINE_ID[:-2] + "/.", "d-alpha", "0b6e5a3c-1d2f-4a8b-9c0d-1e2f3a4b5c6d",
+    MACHINE_ID[:20] + "\n" + MACHINE_ID[20:39],
+])
+def test_a_device_id_that_is_no_defender_machine_id_gets_no_device_link(device_id):
+    """A result's DeviceId is the data's text: `quote("..")` keeps `..`, and `/machines/..` is the
+    portal's root. Only a Defender machine id (40 hex digits) is linked."""
+    assert defender_device_url(device_id) is None and device_link(device_id) is None
 
 
 def test_advanced_hunting_link_carries_the_query_as_utf16_gzip_base64url():
@@ -118,8 +130,31 @@ def test_portals_come_from_a_fixed_table():
     assert link.url.startswith("https://security.microsoft.com/") and "evil" not in link.url
 
 
+def test_a_sovereign_log_analytics_cloud_picks_the_defender_portal_when_graph_is_left_at_its_default():
+    """LOG_ANALYTICS_ENDPOINT in Azure Government, GRAPH_ENDPOINT at its default: device and hunting
+    links must open the government cloud's Defender portal, not the public one."""
+    us = Portals.for_endpoints(log_analytics="https://api.loganalytics.us", graph="https://graph.microsoft.com")
+    assert us == Portals("https://security.microsoft.us", "https://portal.azure.us")
+    assert device_link(MACHINE_ID, us).url.startswith("https://security.microsoft.us/machines/")
+    assert advanced_hunting_link(DETECTION, us).url.startswith("https://security.microsoft.us/v2/advanced-hunting?")
+    # A test server or proxy as GRAPH_ENDPOINT says nothing about the cloud: the Log Analytics one decides.
+    assert Portals.for_endpoints(log_analytics="https://api.loganalytics.us",
+                                 graph="https://127.0.0.1:8443").defender == "https://security.microsoft.us"
+    # The public cloud's Log Analytics keeps the public Defender portal.
+    assert Portals.for_endpoints(log_analytics="https://api.loganalytics.azure.com").defender \
+        == "https://security.microsoft.com"
+
+
+def test_a_sovereign_graph_endpoint_decides_the_defender_portal():
+    # DoD shares Azure Government's Log Analytics with GCC High; its Graph endpoint tells them apart.
+    dod = Portals.for_endpoints(log_analytics="https://api.loganalytics.us", graph="https://dod-graph.microsoft.us")
+    assert dod == Portals("https://security.apps.mil", "https://portal.azure.us")
+    assert Portals.for_endpoints(graph="https://dod-graph.microsoft.us/").defender == "https://security.apps.mil"
+    assert Portals.for_endpoints(graph="https://graph.microsoft.us").defender == "https://security.microsoft.us"
+
+
 def test_titles_are_fixed_text():
-    assert device_link("abc").title == links.DEVICE_TITLE
+    assert device_link(MACHINE_ID).title == links.DEVICE_TITLE
     assert advanced_hunting_link(DETECTION).title == links.HUNTING_TITLE
     assert log_analytics_link(DETECTION, RESOURCE_ID).title == links.LOG_ANALYTICS_TITLE
 
@@ -128,11 +163,12 @@ def test_titles_are_fixed_text():
 
 
 def test_the_local_source_links_the_device_page_only(make_settings, data_dir):
-    write_rows(data_dir, [cert_row("d-1", "PC-1", "2026-05-30T00:00:00Z")])
+    write_rows(data_dir, [cert_row(MACHINE_ID, "PC-1", "2026-05-30T00:00:00Z")])
     source = LocalSource(make_settings())
     try:
         assert source.query(DETECTION, DEMO_NOW) is not None
-        assert [link.url for link in source.links(DETECTION, "d-1")] == ["https://security.microsoft.com/machines/d-1"]
-        assert source.links(DETECTION, "") == []
+        assert [link.url for link in source.links(DETECTION, MACHINE_ID)] == [
+            f"https://security.microsoft.com/machines/{MACHINE_ID}"]
+        assert source.links(DETECTION, "") == [] and source.links(DETECTION, "..") == []
     finally:
         source.close()

@@ -42,6 +42,7 @@ ROWS = [
     cert_row("d-lower", "LOWER-PC", "2026-05-30T00:00:00Z", signer="panorama9 inc", report=801),
 ]
 EXPECTED = ["d-alpha", "d-bravo", "d-lower", "no-id-pc"]
+MACHINE_ID = "5f0b3c9e2a7d41e8b6c4a3f2e1d0c9b8a7f6e5d4"  # a Defender DeviceId: 40 hex digits
 
 
 @pytest.fixture
@@ -360,12 +361,13 @@ def test_the_registry_builds_the_source_and_its_links(make_settings, fake, panor
     source = create_source(make_settings(QUERY_SOURCE="defender", GRAPH_ENDPOINT=fake.url))
     try:
         assert isinstance(source, DefenderSource)
-        links = source.links(panorama9, "d-alpha")
+        links = source.links(panorama9, MACHINE_ID)
         assert source.links(panorama9, "") == links[1:]  # no device link without a DeviceId
+        assert source.links(panorama9, "..") == links[1:]  # nor for one that is no Defender machine id
     finally:
         source.close()
     assert [link.title for link in links] == ["Device in Microsoft Defender", "Query in advanced hunting"]
-    assert links[0].url == "https://security.microsoft.com/machines/d-alpha"
+    assert links[0].url == f"https://security.microsoft.com/machines/{MACHINE_ID}"
 
 
 # --- end to end -----------------------------------------------------------------------------------
@@ -407,8 +409,8 @@ def test_alerter_run_delivers_the_right_devices(app_settings, fake, webhook_serv
     sent = posted(webhook_server)
     assert sorted(sent) == ["NO-ID-PC", "d-alpha", "d-bravo", "d-lower"]
     assert sent["d-alpha"]["source"] == "defender" and sent["d-alpha"]["reportIds"] == [101, 102]
-    assert [link["title"] for link in sent["d-alpha"]["links"]] == ["Device in Microsoft Defender",
-                                                                    "Query in advanced hunting"]
+    # "d-alpha" is no Defender machine id (40 hex digits): no device link, the query link only.
+    assert [link["title"] for link in sent["d-alpha"]["links"]] == ["Query in advanced hunting"]
     assert sorted(open_store(Settings.load()).known(PANORAMA9_ID)) == EXPECTED
     out = capsys.readouterr()
     assert "4 new" in out.out

@@ -43,6 +43,9 @@ from tests.support.log_analytics import (
 WS_A = "11111111-aaaa-4aaa-8aaa-111111111111"
 WS_B = "22222222-bbbb-4bbb-8bbb-222222222222"
 TABLE = "DeviceFileCertificateInfo"
+MACHINE_ID = "5f0b3c9e2a7d41e8b6c4a3f2e1d0c9b8a7f6e5d4"  # a Defender DeviceId: 40 hex digits
+RESOURCE_ID = ("/subscriptions/00000000-1111-2222-3333-444444444444/resourceGroups/soc-rg/providers/"
+               "Microsoft.OperationalInsights/workspaces/soc-sentinel")
 
 # DEMO_NOW is 2026-05-31T11:00Z; the seed query reads the five days before it.
 ROWS_A = [
@@ -562,20 +565,34 @@ def test_the_registry_builds_the_source_and_links_come_from_trusted_parts(la_set
     source = create_source(settings)
     try:
         assert isinstance(source, LogAnalyticsSource)
-        urls = [link.url for link in source.links(panorama9, "d-alpha/../x?y=1")]
+        urls = [link.url for link in source.links(panorama9, MACHINE_ID)]
+        steered = [link.url for link in source.links(panorama9, "..")]
     finally:
         source.close()
-    assert urls[0] == "https://security.microsoft.com/machines/d-alpha%2F..%2Fx%3Fy%3D1"
+    assert urls[0] == f"https://security.microsoft.com/machines/{MACHINE_ID}"
     assert urls[1].startswith("https://security.microsoft.com/v2/advanced-hunting?query=")
     assert all("127.0.0.1" not in url for url in urls)  # never the endpoint's text
+    # A DeviceId that is no Defender machine id gets no device link: "/machines/.." is the portal's root.
+    assert steered == urls[1:]
+
+
+def test_a_sovereign_log_analytics_endpoint_gets_that_clouds_portals_for_every_link(make_settings, panorama9):
+    """LOG_ANALYTICS_ENDPOINT in Azure Government with GRAPH_ENDPOINT left at its default: the
+    Defender links are the government cloud's too, never the public cloud's."""
+    source = LogAnalyticsSource(make_settings(QUERY_SOURCE="log_analytics", LOG_ANALYTICS_WORKSPACE_ID=WS_A,
+                                              LOG_ANALYTICS_ENDPOINT="https://api.loganalytics.us"),
+                                workspace_resource_ids=[RESOURCE_ID])
+    try:
+        urls = [link.url for link in source.links(panorama9, MACHINE_ID)]  # builds links only: no request
+    finally:
+        source.close()
+    assert [url.split("/")[2] for url in urls] == ["security.microsoft.us", "security.microsoft.us", "portal.azure.us"]
 
 
 def test_a_workspace_resource_id_adds_the_log_analytics_link(la_settings, panorama9):
-    resource = ("/subscriptions/00000000-1111-2222-3333-444444444444/resourceGroups/soc-rg/providers/"
-                "Microsoft.OperationalInsights/workspaces/soc-sentinel")
-    source = LogAnalyticsSource(la_settings(), workspace_resource_ids=[resource])
+    source = LogAnalyticsSource(la_settings(), workspace_resource_ids=[RESOURCE_ID])
     try:
-        titles = [link.title for link in source.links(panorama9, "d-alpha")]
+        titles = [link.title for link in source.links(panorama9, MACHINE_ID)]
     finally:
         source.close()
     assert titles == ["Device in Microsoft Defender", "Query in advanced hunting", "Query in Log Analytics"]
@@ -627,7 +644,8 @@ def test_alerter_run_delivers_the_right_devices_to_the_ledger_and_the_webhook(
     assert sent["d-charlie"]["source"] == f"log_analytics:{WS_B}"
     assert sent["d-alpha"]["firstSeen"] == "2026-05-30T08:15:00.123456Z"
     assert sent["d-alpha"]["reportIds"] == [101, 102]
-    assert sent["d-alpha"]["links"][0]["url"] == "https://security.microsoft.com/machines/d-alpha"
+    # "d-alpha" is no Defender machine id (40 hex digits): no device link, the query links only.
+    assert [link["title"] for link in sent["d-alpha"]["links"]] == ["Query in advanced hunting"]
     known = open_store(Settings.load()).known(PANORAMA9_ID)
     assert sorted(known) == ["d-alpha", "d-bravo", "d-charlie"]
     assert "3 new" in out.out
