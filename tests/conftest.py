@@ -75,13 +75,22 @@ def data_dir(tmp_path: Path) -> Path:
     return tmp_path / "data"
 
 
-@pytest.fixture(params=["sqlite", "table"])
-def state_values(request: pytest.FixtureRequest, tmp_path: Path) -> dict[str, str]:
-    """Settings for the ledger, one set per store: the same behaviour must hold on each
-    (Table Storage through a real Azurite, a fresh table per test)."""
-    if request.param == "sqlite":
+def ledger_values(request: pytest.FixtureRequest, tmp_path: Path) -> dict[str, str]:
+    """Settings for the ledger the test runs on (the fixture's param; SQLite when unparametrized):
+    Table Storage goes through a real Azurite, a fresh table per test."""
+    if getattr(request, "param", "sqlite") == "sqlite":
         return {"STATE_STORE": "sqlite", "STATE_PATH": str(tmp_path / "state.db")}
     return dict(request.getfixturevalue("table_state_values"))
+
+
+# The same behaviour must hold on each store: by default every test that reads settings runs on both.
+state_values = pytest.fixture(params=["sqlite", "table"], name="state_values")(ledger_values)
+
+sqlite_unless_asked = pytest.fixture(name="state_values")(ledger_values)
+"""For modules whose tests send or query but do not exercise the ledger: `from tests.conftest
+import sqlite_unless_asked` makes their `state_values` SQLite, unless a test is BOTH_STORES."""
+
+BOTH_STORES = pytest.mark.parametrize("state_values", ["sqlite", "table"], indirect=True)
 
 
 @pytest.fixture

@@ -34,7 +34,7 @@ from notifiers.mail_content import (
     mime_message,
 )
 from notifiers.webhook import sighting_json
-from tests.conftest import DEMO_NOW, cert_row, write_rows
+from tests.conftest import BOTH_STORES, DEMO_NOW, cert_row, sqlite_unless_asked, write_rows  # noqa: F401 - sqlite_unless_asked is the module's state_values
 from tests.support.http_server import Reply
 from tests.support.messages import DETECTION, HOSTILE_NAMES, RUN, digest, many, message, sighting
 from tests.support.smtp_server import SmtpServer
@@ -46,14 +46,6 @@ PASSWORD = "s3cret-smtp-Pa55word"
 RECIPIENTS = "soc@contoso.com, ir@contoso.com"
 TEMPLATE_TAGS = {"html", "head", "meta", "title", "body", "div", "a", "p", "table", "thead", "tbody", "tr", "th",
                  "td", "span", "b", "br"}
-
-
-@pytest.fixture
-def state_values(request: pytest.FixtureRequest, tmp_path) -> dict[str, str]:
-    """These tests send, they do not touch the ledger: SQLite only, unless a test asks for a store."""
-    if getattr(request, "param", "sqlite") == "sqlite":
-        return {"STATE_STORE": "sqlite", "STATE_PATH": str(tmp_path / "state.db")}
-    return dict(request.getfixturevalue("table_state_values"))
 
 
 @pytest.fixture
@@ -308,7 +300,7 @@ def test_the_daily_digest_is_a_text_and_html_mail(mail_settings) -> None:
 # --- the cycle: one ledger entry per channel --------------------------------------------------
 
 
-@pytest.mark.parametrize("state_values", ["sqlite", "table"], indirect=True)
+@BOTH_STORES
 def test_teams_down_while_mail_works_then_teams_catches_up(make_settings, https_server, data_dir, caplog) -> None:
     write_rows(data_dir, [
         cert_row("dev-a", "fin-ws-0142.contoso.local", "2026-05-30T09:12:44Z"),

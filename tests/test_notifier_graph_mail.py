@@ -16,18 +16,11 @@ from notifiers.mail_content import digest_content, mail_content
 from notifiers.mail_graph import REQUEST_MAX_BYTES, request_body
 from tests.support.http_server import Recorded, RecordingServer, Reply
 from tests.support.identity import ManagedIdentityEndpoint
+from tests.conftest import sqlite_unless_asked  # noqa: F401 - the module's state_values
 from tests.support.messages import DETECTION, RUN, digest, many, message, sighting
 
 SENDER = "soc-alerts@contoso.com"
 SEND_PATH = f"/v1.0/users/{SENDER}/sendMail"
-
-
-@pytest.fixture
-def state_values(request: pytest.FixtureRequest, tmp_path) -> dict[str, str]:
-    """These tests send, they do not touch the ledger: SQLite only, unless a test asks for a store."""
-    if getattr(request, "param", "sqlite") == "sqlite":
-        return {"STATE_STORE": "sqlite", "STATE_PATH": str(tmp_path / "state.db")}
-    return dict(request.getfixturevalue("table_state_values"))
 
 
 @pytest.fixture

@@ -18,18 +18,11 @@ from notifiers.content import ELLIPSIS, NAME_MAX, REPLACEMENT, display_text, mes
 from notifiers.teams import BODY_BUDGET, CHUNK_SIZE, SHOW_MAX, TeamsNotifier, Throttle, digest_payload, encode, payload
 from tests.support import cards
 from tests.support.http_server import Reply
+from tests.conftest import sqlite_unless_asked  # noqa: F401 - the module's state_values
 from tests.support.messages import DETECTION, HOSTILE_NAMES, QUERY_URL, RUN, digest, many, message, sighting
 
 WEBHOOK_PATH = "/workflows/0c1d2e3f/triggers/manual/paths/invoke"
 SIGNATURE = "sig=Zm9vYmFyLXNlY3JldC1zaWduYXR1cmU"
-
-
-@pytest.fixture
-def state_values(request: pytest.FixtureRequest, tmp_path) -> dict[str, str]:
-    """These tests send, they do not touch the ledger: SQLite only, unless a test asks for a store."""
-    if getattr(request, "param", "sqlite") == "sqlite":
-        return {"STATE_STORE": "sqlite", "STATE_PATH": str(tmp_path / "state.db")}
-    return dict(request.getfixturevalue("table_state_values"))
 
 
 def burst(count: int) -> list:

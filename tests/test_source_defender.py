@@ -22,7 +22,7 @@ from alerter.sources import QueryError, create_source
 from alerter.sources.defender import DefenderSource
 from alerter.sources.local import LocalSource
 from alerter.sources.log_analytics import LogAnalyticsSource
-from tests.conftest import DEMO_NOW, PANORAMA9_ID, ROOT, cert_row, write_rows
+from tests.conftest import BOTH_STORES, DEMO_NOW, PANORAMA9_ID, ROOT, cert_row, sqlite_unless_asked, write_rows  # noqa: F401 - sqlite_unless_asked is the module's state_values
 from tests.support.graph import FakeGraph, graph_error, quota_exceeded
 from tests.support.http_server import Reply
 from tests.support.identity import ManagedIdentityEndpoint
@@ -43,18 +43,6 @@ ROWS = [
 ]
 EXPECTED = ["d-alpha", "d-bravo", "d-lower", "no-id-pc"]
 MACHINE_ID = "5f0b3c9e2a7d41e8b6c4a3f2e1d0c9b8a7f6e5d4"  # a Defender DeviceId: 40 hex digits
-
-
-@pytest.fixture
-def state_values(request: pytest.FixtureRequest, tmp_path) -> dict[str, str]:
-    """The source tests do not touch the ledger: SQLite only, unless a test asks for both stores
-    (the end-to-end tests below do)."""
-    if getattr(request, "param", "sqlite") == "sqlite":
-        return {"STATE_STORE": "sqlite", "STATE_PATH": str(tmp_path / "state.db")}
-    return dict(request.getfixturevalue("table_state_values"))
-
-
-BOTH_STORES = pytest.mark.parametrize("state_values", ["sqlite", "table"], indirect=True)
 
 
 @pytest.fixture

@@ -25,7 +25,7 @@ from alerter.settings import Settings
 from alerter.sightings import to_sightings
 from alerter.sources import QueryError, create_source
 from alerter.sources.log_analytics import LogAnalyticsSource
-from tests.conftest import DEMO_NOW, PANORAMA9_ID, ROOT, cert_row
+from tests.conftest import BOTH_STORES, DEMO_NOW, PANORAMA9_ID, ROOT, cert_row, sqlite_unless_asked  # noqa: F401 - sqlite_unless_asked is the module's state_values
 from tests.support.http_server import Reply
 from tests.support.identity import ManagedIdentityEndpoint
 from tests.support.log_analytics import (
@@ -60,18 +60,6 @@ ROWS_B = [
     cert_row("d-bravo", "bravo-laptop", "2026-05-29T12:00:00Z", report=202),
     cert_row("d-charlie", "CHARLIE-SRV", "2026-05-27T12:00:00.5Z", report=601),
 ]
-
-
-@pytest.fixture
-def state_values(request: pytest.FixtureRequest, tmp_path: Path) -> dict[str, str]:
-    """The source tests do not touch the ledger: SQLite only, unless a test asks for both stores
-    (the end-to-end tests below do)."""
-    if getattr(request, "param", "sqlite") == "sqlite":
-        return {"STATE_STORE": "sqlite", "STATE_PATH": str(tmp_path / "state.db")}
-    return dict(request.getfixturevalue("table_state_values"))
-
-
-BOTH_STORES = pytest.mark.parametrize("state_values", ["sqlite", "table"], indirect=True)
 
 
 @pytest.fixture
