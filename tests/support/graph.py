@@ -26,8 +26,8 @@ from typing import Any
 
 import trustme
 
-from tests.support.http_server import Recorded, RecordingServer, Reply
-from tests.support.identity import ManagedIdentityEndpoint, stops_quickly
+from tests.support.http_server import FakeService, Recorded, Reply
+from tests.support.identity import ManagedIdentityEndpoint
 from tests.support.log_analytics import HuntingData, KqlError, kusto_datetime, parse_timespan
 
 GRAPH_TYPES = {"string": "String", "datetime": "DateTime", "long": "Int64", "int": "Int32", "bool": "Boolean",
@@ -42,7 +42,7 @@ def graph_error(status: int, code: str, message: str, headers: dict[str, str] | 
                  dict(headers or {}))
 
 
-class FakeGraph:
+class FakeGraph(FakeService):
     """`with FakeGraph(ca, identity, now, {table: rows}) as fake:`; `fake.url` is the GRAPH_ENDPOINT."""
 
     def __init__(
@@ -66,19 +66,7 @@ class FakeGraph:
         """False: the identity lacks ThreatHunting.Read.All (403)."""
         self.answers: list[tuple[dict[str, Any], int]] = []
         self._lock = threading.Lock()
-        self.server = stops_quickly(RecordingServer(ca=ca, responder=self._answer))
-
-    @property
-    def url(self) -> str:
-        return self.server.url
-
-    @property
-    def requests(self) -> list[Recorded]:
-        return self.server.requests
-
-    def then(self, *replies: Reply) -> FakeGraph:
-        self.server.then(*replies)
-        return self
+        super().__init__(ca)
 
     def _answer(self, recorded: Recorded) -> Reply:
         if recorded.method != "POST" or recorded.path != "/v1.0/security/runHuntingQuery":
@@ -126,12 +114,6 @@ class FakeGraph:
             return json.dumps(value)
         return value
 
-    def __enter__(self) -> FakeGraph:
-        self.server.__enter__()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.__exit__(*exc)
 
 
 def quota_exceeded(retry_after: str | None = "900") -> Reply:

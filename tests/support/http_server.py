@@ -15,7 +15,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, Self
 from urllib.parse import parse_qs, urlsplit
 
 import trustme
@@ -130,3 +130,33 @@ class RecordingServer:
     def __exit__(self, *exc: object) -> None:
         self._server.shutdown()
         self._server.server_close()
+
+
+class FakeService:
+    """A fake of a documented API: a RecordingServer whose answers come from `_answer`."""
+
+    def __init__(self, ca: trustme.CA | None = None) -> None:
+        self.server = RecordingServer(ca=ca, responder=self._answer)
+
+    def _answer(self, recorded: Recorded) -> Reply:
+        raise NotImplementedError
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+    @property
+    def requests(self) -> list[Recorded]:
+        return self.server.requests
+
+    def then(self, *replies: Reply) -> Self:
+        """Queue replies for the next requests, before the computed answers resume."""
+        self.server.then(*replies)
+        return self
+
+    def __enter__(self) -> Self:
+        self.server.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.__exit__(*exc)

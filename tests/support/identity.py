@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from tests.support.http_server import Recorded, RecordingServer, Reply
+from tests.support.http_server import FakeService, Recorded, Reply
 
 API_VERSION = "2019-08-01"
 TOKEN_LIFETIME_SECONDS = 3600
@@ -68,7 +68,7 @@ class Issued:
 
 
 @dataclass
-class ManagedIdentityEndpoint:
+class ManagedIdentityEndpoint(FakeService):
     """Start with `with ManagedIdentityEndpoint() as mi:`; then set `mi.environment()`."""
 
     header_secret: str = field(default_factory=lambda: secrets.token_urlsafe(24))
@@ -79,17 +79,13 @@ class ManagedIdentityEndpoint:
     def __post_init__(self) -> None:
         self._tokens: dict[str, str] = {}
         self._lock = threading.Lock()
-        self.server = stops_quickly(RecordingServer(responder=self._answer))
+        super().__init__()
 
     # --- what tests and fake services use -----------------------------------------------------
 
     @property
     def endpoint(self) -> str:
         return self.server.url + "/msi/token"
-
-    @property
-    def requests(self) -> list[Recorded]:
-        return self.server.requests
 
     def environment(self) -> dict[str, str]:
         """The two variables the Functions host sets for a system-assigned identity."""
@@ -151,21 +147,6 @@ class ManagedIdentityEndpoint:
             },
         )
 
-    def __enter__(self) -> ManagedIdentityEndpoint:
-        self.server.__enter__()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.__exit__(*exc)
-
-
-def stops_quickly(server: RecordingServer, poll_interval: float = 0.05) -> RecordingServer:
-    """Make a not yet started RecordingServer notice shutdown within `poll_interval` (socketserver's
-    default, 0.5 s, costs about a second per test that starts two servers)."""
-    server._thread = threading.Thread(  # noqa: SLF001 - until http_server.py takes a poll interval
-        target=server._server.serve_forever, kwargs={"poll_interval": poll_interval}, daemon=True  # noqa: SLF001
-    )
-    return server
 
 
 def _normalise(resource: str) -> str:

@@ -38,8 +38,8 @@ import duckdb
 import duckdb_kql
 import trustme
 
-from tests.support.http_server import Recorded, RecordingServer, Reply
-from tests.support.identity import ManagedIdentityEndpoint, stops_quickly
+from tests.support.http_server import FakeService, Recorded, Reply
+from tests.support.identity import ManagedIdentityEndpoint
 
 # The advanced hunting schema of the one table the detections read (Kusto types).
 TABLE_SCHEMAS: dict[str, dict[str, str]] = {
@@ -243,7 +243,7 @@ def service_error(status: int, code: str, message: str, inner: str | None = None
     return Reply(status, {"error": error})
 
 
-class FakeLogAnalytics:
+class FakeLogAnalytics(FakeService):
     """`with FakeLogAnalytics(ca, identity, now, {workspace_id: {table: rows}}) as fake:`;
     `fake.url` is the LOG_ANALYTICS_ENDPOINT."""
 
@@ -266,19 +266,7 @@ class FakeLogAnalytics:
         self.answers: list[tuple[str, dict[str, Any], int]] = []
         """(workspace, request body, rows answered) for every computed answer."""
         self._lock = threading.Lock()
-        self.server = stops_quickly(RecordingServer(ca=ca, responder=self._answer))
-
-    @property
-    def url(self) -> str:
-        return self.server.url
-
-    @property
-    def requests(self) -> list[Recorded]:
-        return self.server.requests
-
-    def then(self, *replies: Reply) -> FakeLogAnalytics:
-        self.server.then(*replies)
-        return self
+        super().__init__(ca)
 
     def bodies(self) -> list[dict[str, Any]]:
         return [r.json() for r in self.requests if r.method == "POST"]
@@ -334,12 +322,6 @@ class FakeLogAnalytics:
             document["error"] = self.partial_error
         return Reply(200, document, {"Content-Type": "application/json; charset=utf-8"})
 
-    def __enter__(self) -> FakeLogAnalytics:
-        self.server.__enter__()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.__exit__(*exc)
 
 
 def wire_value(kind: str, value: Any) -> Any:
